@@ -7,3 +7,7 @@
 
 class UserError(Exception):
   """A problem with the user's input, with a message that names the problem and the fix."""
+
+
+class RunFailed(Exception):
+  """The run stopped for a reason found while training (a non-finite loss, say)."""

@@ -1,0 +1,177 @@
+"""Config validation: every key, type and value is checked before anything compiles.
+
+The schema is `experiments/base.py` itself: a key it does not define is unknown, and each
+value must have the type of the base value. Value rules below then name the allowed values,
+so every mistake becomes one line that says which key is wrong and what it may be.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import ml_collections
+
+from diffdyn.errors import UserError
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _one_of(*options) -> Rule:
+  return (lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
+
+
+_POSITIVE_INT: Rule = (lambda v: v > 0, "an integer > 0")
+_NON_NEGATIVE: Rule = (lambda v: v >= 0, "a number >= 0")
+_POSITIVE: Rule = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
+_PROBABILITY: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_POSITIVE_INTS: Rule = (lambda v: len(v) > 0 and all(isinstance(i, int) and i > 0 for i in v),
+                        "a non-empty sequence of integers > 0")
+
+RULES: dict[str, Rule] = {
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "data.name": _one_of("cifar10", "synthetic"),
+    "data.split": _one_of("train", "test"),
+    "data.image_size": _POSITIVE_INT,
+    "data.synthetic_num_images": _POSITIVE_INT,
+    "diffusion.schedule": _one_of("linear", "cosine"),
+    "diffusion.num_timesteps": (lambda v: v >= 2, "an integer >= 2"),
+    "diffusion.beta_start": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "diffusion.beta_end": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "diffusion.prediction": _one_of("eps", "v", "x0"),
+    "loss.weighting": _one_of("constant", "minsnr"),
+    "loss.minsnr_gamma": _POSITIVE,
+    "model.name": _one_of("unet_cifar32"),
+    "model.base_channels": _POSITIVE_INT,
+    "model.channel_mult": _POSITIVE_INTS,
+    "model.num_res_blocks": _POSITIVE_INT,
+    "model.attn_resolutions": (lambda v: all(isinstance(i, int) and i > 0 for i in v),
+                               "a sequence of integers > 0"),
+    "model.dropout": _PROBABILITY,
+    "model.image_size": _POSITIVE_INT,
+    "model.channels": _POSITIVE_INT,
+    "train.total_steps": _POSITIVE_INT,
+    "train.batch_size": _POSITIVE_INT,
+    "train.learning_rate": _POSITIVE,
+    "train.warmup_steps": _NON_NEGATIVE,
+    "train.grad_clip_norm": _NON_NEGATIVE,
+    "train.adam_b1": _PROBABILITY,
+    "train.adam_b2": _PROBABILITY,
+    "train.adam_eps": _POSITIVE,
+    "train.ema_decay": _PROBABILITY,
+    "train.precision": _one_of("fp32", "bf16"),
+    "train.log_every_steps": _POSITIVE_INT,
+    "train.checkpoint_every_steps": _POSITIVE_INT,
+    "train.keep_checkpoints": (lambda v: v >= 2, "an integer >= 2 (one to fall back on)"),
+    "curvature.every_steps": _POSITIVE_INT,
+    "curvature.num_probes": (lambda v: v >= 2, "an integer >= 2 (a std needs two probes)"),
+    "curvature.estimator": _one_of("hutchinson", "hutch++"),
+    "curvature.batch": _one_of("fixed", "current"),
+    "curvature.batch_size": _POSITIVE_INT,
+    "curvature.objective": _one_of("train", "reference", "both"),
+    "curvature.chunk_size": _NON_NEGATIVE,
+    "curvature.t_bands": _NON_NEGATIVE,
+    "curvature.top_eig_every_steps": _NON_NEGATIVE,
+    "curvature.top_eig_iters": _POSITIVE_INT,
+    "eval.fid_every_steps": _POSITIVE_INT,
+    "eval.fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
+    "eval.final_fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
+    "eval.sampler": _one_of("ddpm", "ddim"),
+    "eval.nfe": _POSITIVE_INT,
+    "eval.eta": _NON_NEGATIVE,
+    "eval.spacing": _one_of("linspace", "leading", "trailing"),
+    "eval.variance": _one_of("small", "large"),
+    "eval.respacing": _one_of("respaced", "none"),
+    "eval.sample_batch_size": _POSITIVE_INT,
+    "eval.grid_num_samples": _POSITIVE_INT,
+    "eval.grid_sampler": _one_of("ddpm", "ddim"),
+    "eval.grid_nfe": _POSITIVE_INT,
+    "eval.grid_eta": _NON_NEGATIVE,
+    "fid.batch_size": _POSITIVE_INT,
+    "sweep.seeds": _POSITIVE_INT,
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from experiments import base  # pylint: disable=import-outside-toplevel
+  return base.get_config()
+
+
+def _flatten(cfg, prefix="") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _type_ok(value, reference) -> bool:
+  if isinstance(reference, bool):
+    return isinstance(value, bool)
+  if isinstance(reference, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(reference, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(reference, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(reference))
+
+
+def _type_name(reference) -> str:
+  if isinstance(reference, (tuple, list)):
+    return "a sequence"
+  return {bool: "a bool (True/False)", int: "an integer", float: "a number",
+          str: "a string"}.get(type(reference), type(reference).__name__)
+
+
+def check_keys_and_types(config) -> None:
+  schema = _flatten(base_config())
+  given = _flatten(config)
+  for key, value in given.items():
+    if key not in schema:
+      section = key.rsplit(".", 1)[0] if "." in key else ""
+      known = sorted(k for k in schema if k.rsplit(".", 1)[0] == section) if section else []
+      hint = f"; known keys in {section}: {', '.join(known)}" if known else ""
+      raise UserError(f"unknown config key {key!r}{hint}")
+    if not _type_ok(value, schema[key]):
+      raise UserError(f"config key {key!r} must be {_type_name(schema[key])}, got {value!r}")
+
+
+def check_values(config) -> None:
+  flat = _flatten(config)
+  for key, (ok, allowed) in RULES.items():
+    if key in flat and not ok(flat[key]):
+      raise UserError(f"config key {key!r} must be {allowed}, got {flat[key]!r}")
+
+
+def check_consistency(config) -> None:
+  d, m, c = config.diffusion, config.model, config.curvature
+  if d.beta_start >= d.beta_end:
+    raise UserError(f"config diffusion.beta_start ({d.beta_start}) must be < diffusion.beta_end "
+                    f"({d.beta_end})")
+  if m.image_size != config.data.image_size:
+    raise UserError(f"config model.image_size ({m.image_size}) must equal data.image_size "
+                    f"({config.data.image_size})")
+  divisor = 2 ** (len(m.channel_mult) - 1)
+  if m.image_size % divisor:
+    raise UserError(f"config model.image_size ({m.image_size}) must be divisible by {divisor} "
+                    f"for {len(m.channel_mult)} levels in model.channel_mult")
+  for key in ("eval.nfe", "eval.grid_nfe"):
+    if _flatten(config)[key] > d.num_timesteps:
+      raise UserError(f"config {key} must be <= diffusion.num_timesteps ({d.num_timesteps})")
+  if c.enabled and c.top_eig_every_steps % c.every_steps:
+    raise UserError(f"config curvature.top_eig_every_steps ({c.top_eig_every_steps}) must be a "
+                    f"multiple of curvature.every_steps ({c.every_steps})")
+  if c.t_bands > c.batch_size:
+    raise UserError(f"config curvature.t_bands ({c.t_bands}) must be <= curvature.batch_size "
+                    f"({c.batch_size}) so that every band holds a probe example")
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """Raises UserError naming the first bad key; returns the config, frozen against edits."""
+  check_keys_and_types(config)
+  check_values(config)
+  check_consistency(config)
+  return ml_collections.FrozenConfigDict(config)

@@ -1,0 +1,282 @@
+"""Run I/O: metric writers (CLU and metrics.jsonl), orbax checkpoints, sample grids, progress.
+
+Nothing here computes anything about the model; it moves numbers and arrays to disk and back,
+in ways that survive a process being killed at any point.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from diffdyn.errors import UserError
+
+log = logging.getLogger("diffdyn")
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TIMING_PREFIX = "time/"   # run-time measurements: not reproducible, excluded from comparisons
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("DIFFDYN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "diffdyn")
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache, so a rerun skips the compiles it has seen."""
+  path = cache_dir or os.path.join(default_cache_dir(), "jax_cache")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+def check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you "
+                    "can write to") from None
+
+
+def _to_python(value: Any) -> Any:
+  if isinstance(value, (np.ndarray, jax.Array)):
+    value = np.asarray(value).item()
+  if isinstance(value, (np.floating, float)):
+    return float(value)
+  if isinstance(value, (np.integer, int)):
+    return int(value)
+  return value
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class JsonlWriter:
+  """Appends one JSON line per write; on open, forgets everything after `resume_step`.
+
+  A resumed run rewrites the steps after its checkpoint, so those lines (and a line cut off by
+  a kill mid-write) are removed first: the file never holds a step twice.
+  """
+
+  def __init__(self, path: str, resume_step: int):
+    self.path = path
+    self._truncate_after(resume_step)
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      text = f.read()
+    kept = []
+    for line in text.splitlines(keepends=True):
+      if not line.endswith("\n"):
+        break  # cut off mid-write
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        break
+    if len(kept) != len(text.splitlines()) or not text.endswith("\n") and text:
+      _atomic_write_text(self.path, "".join(kept))
+
+  def write(self, step: int, wall_time: float, scalars: Mapping[str, Any]) -> None:
+    record = {"step": int(step), "wall_time": round(float(wall_time), 3)}
+    record.update({k: _to_python(v) for k, v in scalars.items()})
+    line = json.dumps(record, allow_nan=True) + "\n"
+    with open(self.path, "a") as f:
+      f.write(line)
+      f.flush()
+      os.fsync(f.fileno())
+
+
+class LoggingWriter:
+  """Stands in for CLU's writers where CLU cannot be imported (it needs TensorFlow)."""
+
+  def write_scalars(self, step, scalars):
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+    log.info("[%d] %s", step, shown)
+
+  def write_images(self, step, images):
+    del step, images
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _fmt(v) -> str:
+  v = _to_python(v)
+  return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def make_clu_writer(workdir: str):
+  try:
+    from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    log.warning("CLU metric writers unavailable (%s): logging and metrics.jsonl only", e)
+    return LoggingWriter()
+  return metric_writers.create_default_writer(workdir, asynchronous=False)
+
+
+class MetricWriter:
+  """The run's writers: CLU (TensorBoard + logging where available) and metrics.jsonl."""
+
+  def __init__(self, workdir: str, resume_step: int, wall_time_offset: float, clu_writer=None):
+    self.jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step)
+    self.clu = clu_writer if clu_writer is not None else make_clu_writer(workdir)
+    self._start = time.monotonic()
+    self._offset = wall_time_offset
+
+  @property
+  def wall_time(self) -> float:
+    """Seconds of run time, summed across resumes."""
+    return self._offset + time.monotonic() - self._start
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    scalars = {k: _to_python(v) for k, v in scalars.items()}
+    self.jsonl.write(step, self.wall_time, scalars)
+    self.clu.write_scalars(step, {k: v for k, v in scalars.items()
+                                  if isinstance(v, (int, float)) and math.isfinite(v)})
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    self.clu.write_images(step, images)
+
+  def flush(self) -> None:
+    self.clu.flush()
+
+  def close(self) -> None:
+    self.clu.close()
+
+
+def image_grid(images_uint8: np.ndarray) -> np.ndarray:
+  """Tiles N HWC images into one near-square image with 1-pixel gaps."""
+  n, h, w, c = images_uint8.shape
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+  for i, img in enumerate(images_uint8):
+    r, col = divmod(i, cols)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
+  return grid
+
+
+def save_png(path: str, image_uint8: np.ndarray) -> None:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  tmp = f"{path}.tmp.{os.getpid()}.png"
+  Image.fromarray(image_uint8).save(tmp)
+  os.replace(tmp, path)
+
+
+def read_config_json(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_config_json(workdir: str, config_dict: dict) -> None:
+  _atomic_write_text(os.path.join(workdir, CONFIG_FILE),
+                     json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+
+class Checkpoints:
+  """Orbax checkpoints of the train state plus a small JSON of run metadata.
+
+  Saves are synchronous and orbax commits each by an atomic rename, so a kill leaves either
+  the new checkpoint or none; a latest checkpoint that still fails to restore (a damaged
+  disk, a file cut by a full disk) is skipped with a warning for the one before it.
+  """
+
+  def __init__(self, directory: str, keep: int):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    self._ocp = ocp
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def steps(self) -> list[int]:
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: Mapping[str, Any]) -> None:
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(dict(meta))),
+                      force=True)
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, template):
+    """(state, meta, step) from the newest checkpoint that restores, or None if there is none."""
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                          meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"]), step
+      except Exception as e:  # orbax raises many types for a damaged checkpoint
+        log.warning("checkpoint at step %d in %s does not restore (%s: %s); falling back to the "
+                    "one before it", step, self.directory, type(e).__name__, str(e)[:200])
+    return None
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+class Progress:
+  """Logs step, steps/s and ETA; uses CLU's ReportProgress where CLU is importable."""
+
+  def __init__(self, total_steps: int, every_secs: float = 30.0):
+    self.total_steps = total_steps
+    try:
+      from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+      self._clu = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                                  every_secs=every_secs)
+    except ImportError:
+      self._clu = None
+    self._every = every_secs
+    self._last = None
+
+  def __call__(self, step: int, steps_per_sec: float) -> None:
+    if self._clu is not None:
+      self._clu(step, time.monotonic())
+      return
+    now = time.monotonic()
+    if self._last is not None and now - self._last < self._every and step < self.total_steps:
+      return
+    self._last = now
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+    log.info("step %d/%d (%.0f%%), %.1f steps/s, ETA %s", step, self.total_steps,
+             100 * step / self.total_steps, steps_per_sec, _hms(eta))
+
+
+def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,13 @@
+"""E5: Hutchinson trace probe on the constant-weight baseline (seed w1-e5_hutchinson_baseline.md).
+
+  python launch.py --config experiments/e5.py --workdir runs/e5
+"""
+from experiments import base
+
+
+def get_config():
+  config = base.get_config()
+  config.name = "e5"
+  config.curvature.enabled = True
+  config.curvature.objective = "both"
+  return config

@@ -1,0 +1,13 @@
+"""E7C: Wider baseline, 10k steps, base_channels 64 (seed w1-e7_steps_vs_capacity_plan.md).
+
+  python launch.py --config experiments/e7c.py --workdir runs/e7c
+"""
+from experiments import base
+
+
+def get_config():
+  config = base.get_config()
+  config.name = "e7c"
+  config.model.base_channels = 64
+  config.curvature.enabled = True
+  return config

@@ -1,0 +1,66 @@
+"""Runs one experiment: `python launch.py --config experiments/e6.py --workdir runs/e6`.
+
+Override any config value with `--config.section.key=value`. Running the same command again
+resumes the run from its latest checkpoint. Mistakes in the input are reported as one line
+and exit status 2.
+"""
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even though its config differs.")
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 3
+
+
+def fail(message: str, status: int) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_one_line(str(e)), EXIT_BAD_INPUT)
+  except Exception as e:  # a config file that fails to load raises from inside flag parsing
+    fail(f"--config could not be loaded: {_one_line(str(e)) or type(e).__name__}; point --config at "
+         "a python file that defines get_config()", EXIT_BAD_INPUT)
+  if not _WORKDIR.value:
+    fail("--workdir is required: the directory for this run's checkpoints and metrics",
+         EXIT_BAD_INPUT)
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
+
+
+def main(argv) -> None:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  parse_flags(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from diffdyn import io, train  # pylint: disable=import-outside-toplevel
+  from diffdyn.errors import RunFailed, UserError  # pylint: disable=import-outside-toplevel
+  io.enable_compilation_cache()
+  try:
+    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except UserError as e:
+    fail(str(e), EXIT_BAD_INPUT)
+  except RunFailed as e:
+    fail(str(e), EXIT_RUN_FAILED)
+  shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(final.items()) if not k.startswith("train/loss_tbin"))
+  logging.info("final metrics: %s", shown)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
