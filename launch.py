@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -47,6 +49,7 @@ def main(argv) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   parse_flags(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every file it writes
   from diffdyn import io, train  # pylint: disable=import-outside-toplevel
   from diffdyn.errors import RunFailed, UserError  # pylint: disable=import-outside-toplevel
   io.enable_compilation_cache()

@@ -89,8 +89,9 @@ def load_tfds(split: str, data_dir: str) -> np.ndarray:
     raise UserError("tensorflow-datasets is not installed (pip install tensorflow-cpu "
                     f"tensorflow-datasets), or {_LOCAL_HINT}") from None
   try:
-    ds = tfds.load("cifar10", split=split, batch_size=-1, data_dir=data_dir or None)
-    return np.ascontiguousarray(tfds.as_numpy(ds)["image"].astype(np.uint8))
+    ds = tfds.load("cifar10", split=split, data_dir=data_dir or None)
+    chunks = [b["image"] for b in tfds.as_numpy(ds.batch(5000))]
+    return np.ascontiguousarray(np.concatenate(chunks).astype(np.uint8))
   except Exception as e:  # tfds raises many types for a failed download; all mean the same here
     raise UserError(f"could not load CIFAR-10 with tensorflow-datasets ({type(e).__name__}); "
                     f"{_LOCAL_HINT}") from None

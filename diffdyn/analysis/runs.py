@@ -145,8 +145,11 @@ def _numeric(value: Any) -> float | None:
 
 def _parse_lines(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[str]]:
   """(line number, object) for every complete line; an unreadable last line is a warning."""
-  with open(path, encoding="utf-8", errors="replace") as f:
-    numbered = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      numbered = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+  except OSError as e:
+    raise RunFormatError(f"{path}: cannot be read: {e.strerror}") from None
   if not numbered:
     raise RunFormatError(f"{path}: empty, no metric lines (did the run log anything?)")
   last = numbered[-1][0]
@@ -217,6 +220,8 @@ def read_config(path: pathlib.Path) -> dict:
     raise RunFormatError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
   except UnicodeDecodeError as e:
     raise RunFormatError(f"{path}: not UTF-8 text ({e.reason})") from None
+  except OSError as e:
+    raise RunFormatError(f"{path}: cannot be read: {e.strerror}") from None
   if not isinstance(config, dict):
     raise RunFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
   return config

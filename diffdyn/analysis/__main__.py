@@ -1,0 +1,131 @@
+"""Command line: python -m diffdyn.analysis report RUN_DIR... --out DIR [options].
+
+Bad input (a missing or malformed run, an unknown run name) prints one line naming the
+file and line, and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Sequence
+
+from diffdyn import errors
+from diffdyn.analysis import criteria
+from diffdyn.analysis import report
+from diffdyn.analysis import runs as runs_lib
+
+_DEFAULTS = criteria.Options()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+  """Usage errors as one line on stderr (exit 2), like every other input error here."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _OneLineParser(prog="python -m diffdyn.analysis",
+                          description="Reports and seed-study criteria for diffdyn runs.")
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+  rep = commands.add_parser(
+      "report", help="write report.md, criteria.json and figures for runs",
+      description="Overlay figures and the seed studies' criteria (E6 vs E5, E7, "
+                  "curvature-FID association) for any number of runs. Runs whose configs "
+                  "differ only in seed are replicates and are summarised by their mean.")
+  rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+  rep.add_argument("--out", required=True, metavar="DIR", help="where the report goes")
+  rep.add_argument("--baseline", metavar="NAME", help="E6 criteria: the baseline (E5) run")
+  rep.add_argument("--treatment", metavar="NAME", help="E6 criteria: the treatment (E6) run")
+  rep.add_argument("--e7", nargs=3, metavar=("E7A", "E7B", "E7C"),
+                   help="E7 roles: reference, longer, wider (default: runs named e7a/b/c)")
+  rep.add_argument("--late-window", nargs=2, type=float, metavar=("START", "END"),
+                   default=_DEFAULTS.late_window,
+                   help="E6 (a) window as fractions of total steps (default: %(default)s)")
+  rep.add_argument("--spike-window", nargs=2, type=float, metavar=("START", "END"),
+                   default=_DEFAULTS.spike_window,
+                   help="E6 (b) window as fractions of total steps (default: %(default)s)")
+  rep.add_argument("--spike-factor", type=float, default=_DEFAULTS.spike_factor,
+                   help="spike = above this times the baseline median (default: %(default)s)")
+  rep.add_argument("--curvature-drop", type=float, default=_DEFAULTS.curvature_drop,
+                   help="E6 (a) success: relative drop at least this (default: %(default)s)")
+  rep.add_argument("--fid-tolerance", type=float, default=_DEFAULTS.fid_tolerance,
+                   help="E6 (c) success: final FID change at most +this (default: %(default)s)")
+  rep.add_argument("--practical-threshold", type=float, default=_DEFAULTS.practical_threshold,
+                   help="E7: smallest relative best-FID improvement that counts as '<<' "
+                        "(default: %(default)s)")
+  rep.add_argument("--confidence", type=float, default=_DEFAULTS.confidence,
+                   help="confidence level of every interval (default: %(default)s)")
+  return parser
+
+
+def _options(args: argparse.Namespace) -> criteria.Options:
+  return criteria.Options(
+      late_window=tuple(args.late_window), spike_window=tuple(args.spike_window),
+      spike_factor=args.spike_factor, curvature_drop=args.curvature_drop,
+      fid_tolerance=args.fid_tolerance, practical_threshold=args.practical_threshold,
+      confidence=args.confidence)
+
+
+def _summary_lines(result: dict) -> list[str]:
+  """The headline verdicts, for the terminal; the report has the numbers."""
+  lines = []
+  e6 = result["e6_vs_e5"]
+  if e6.get("verdict") == criteria.SKIPPED:
+    lines.append(f"E6 vs E5: skipped ({e6['reason']})")
+  else:
+    lines.append(f"E6 vs E5 ({e6['treatment']} vs {e6['baseline']}): useful probe "
+                 f"{e6['overall']['verdict']}")
+    for name, block in (("late window", e6["train_objective"]["mean_change"]),
+                        ("spike window", e6["train_objective"]["spikes"])):
+      for rows in block.get("per_run", {}).values():
+        for row in rows:
+          lines.append(f"  {name} for {row['run']}: steps {row['steps'][0]}-{row['steps'][1]}")
+  e7 = result["e7"]
+  if e7.get("verdict") == criteria.SKIPPED:
+    lines.append(f"E7: skipped ({e7['reason']})")
+  else:
+    lines.append(f"E7: {e7['interpretation']['text']}")
+  assoc = result["curvature_fid_association"]
+  if assoc.get("verdict") == criteria.SKIPPED:
+    lines.append(f"curvature-FID association: skipped ({assoc['reason']})")
+  else:
+    lines.append(f"curvature-FID association: n = {assoc['n']}, Spearman "
+                 f"{assoc['readings']['spearman']}, partial given step "
+                 f"{assoc['readings']['partial_spearman_given_step']}")
+  return lines
+
+
+def run_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+  options = _options(args)
+  loaded = runs_lib.load_runs(args.runs)
+  for run in loaded:
+    for warning in run.warnings:
+      print(f"warning: {warning}", file=sys.stderr)
+  command = "python -m diffdyn.analysis " + " ".join(shlex.quote(a) for a in argv)
+  path = report.write_report(loaded, args.out, options, args.baseline, args.treatment,
+                             args.e7, command=command)
+  with open(path.parent / report.CRITERIA_FILE, encoding="utf-8") as f:
+    written = json.load(f)
+  for line in _summary_lines(written["criteria"]):
+    print(line)
+  print(f"wrote {path}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(argv)
+  try:
+    if args.command == "report":
+      return run_report(args, argv)
+  except errors.UserError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

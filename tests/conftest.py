@@ -1,0 +1,29 @@
+"""Test setup: the repo root on sys.path (for `experiments`), quiet logs, a shared compile cache."""
+import logging
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """One DIFFDYN_CACHE for the session: launched runs reuse each other's compiled programs."""
+  path = tmp_path_factory.mktemp("diffdyn_cache")
+  os.environ["DIFFDYN_CACHE"] = str(path)
+  return str(path)
+
+
+def run_launch(args, cache, timeout=600):
+  """Runs launch.py in a fresh process; returns the CompletedProcess."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, DIFFDYN_CACHE=cache, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
