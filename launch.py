@@ -29,16 +29,36 @@ def fail(message: str, status: int) -> None:
 
 
 def parse_flags(argv):
+  """Parses the flags and loads the config file; returns the config."""
   try:
     flags.FLAGS(argv)
+    if not _CONFIG.value:
+      fail("--config is required: an experiment file such as experiments/e6.py", EXIT_BAD_INPUT)
+    config = _CONFIG.value   # the file is loaded, and overrides applied, on first access
+    config.to_dict()         # a file that failed to load gives a stand-in that raises here
   except flags.Error as e:
-    fail(_one_line(str(e)), EXIT_BAD_INPUT)
-  except Exception as e:  # a config file that fails to load raises from inside flag parsing
-    fail(f"--config could not be loaded: {_one_line(str(e)) or type(e).__name__}; point --config at "
-         "a python file that defines get_config()", EXIT_BAD_INPUT)
+    fail(_last_line(str(e)), EXIT_BAD_INPUT)
+  except (KeyError, AttributeError) as e:   # how ml_collections reports an unknown key
+    key = str(e).strip("\"' ")
+    given = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    fail(f"unknown config key {key!r} in {given[0] if given else 'a --config.* override'}; "
+         "the keys are those of experiments/base.py", EXIT_BAD_INPUT)
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"--config could not be loaded: {_last_line(str(e))}; point --config at a python file "
+         "that defines get_config()", EXIT_BAD_INPUT)
   if not _WORKDIR.value:
     fail("--workdir is required: the directory for this run's checkpoints and metrics",
          EXIT_BAD_INPUT)
+  return config
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  head = lines[0] if lines else ""
+  if "Traceback" in head:
+    head = head.split("Traceback")[0].rstrip(": ")
+  last = lines[-1] if len(lines) > 1 else ""
+  return f"{head} ({last})" if last and last not in head else head
 
 
 def _one_line(text: str) -> str:
@@ -47,14 +67,14 @@ def _one_line(text: str) -> str:
 
 def main(argv) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  parse_flags(argv)
+  config = parse_flags(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every file it writes
   from diffdyn import io, train  # pylint: disable=import-outside-toplevel
   from diffdyn.errors import RunFailed, UserError  # pylint: disable=import-outside-toplevel
   io.enable_compilation_cache()
   try:
-    final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+    final = train.train_and_evaluate(config, _WORKDIR.value,
                                      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except UserError as e:
     fail(str(e), EXIT_BAD_INPUT)

@@ -259,10 +259,6 @@ def lanczos_ritz_values(loss_fn: LossFn, params: PyTree, rng: jax.Array,
   def random_unit(key, basis):
     return _unit_or_zero(_orthogonalize(jax.random.normal(key, (dim,), dtype), basis))
 
-  start_rng, restart_rng = jax.random.split(rng)
-  basis = jnp.zeros((num_iters + 1, dim), dtype)
-  basis = basis.at[0].set(random_unit(start_rng, basis))
-
   def step(j, carry):
     basis, alphas, betas = carry
     v = basis[j]
@@ -277,11 +273,14 @@ def lanczos_ritz_values(loss_fn: LossFn, params: PyTree, rng: jax.Array,
     return (basis.at[j + 1].set(next_v), alphas.at[j].set(alpha),
             betas.at[j].set(jnp.where(invariant, 0, beta)))
 
+  start_rng, restart_rng = jax.random.split(rng)
   with jax.default_matmul_precision("float32"):
+    basis = jnp.zeros((num_iters + 1, dim), dtype)
+    basis = basis.at[0].set(random_unit(start_rng, basis))
     _, alphas, betas = jax.lax.fori_loop(
         0, num_iters, step, (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype)))
     off_diagonal = betas[:-1]
-    tridiagonal = (jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1))
+    tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
     return jnp.linalg.eigvalsh(tridiagonal)
 
 

@@ -321,16 +321,15 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   and notebooks use it to add or stub out work at events.
   """
   config = config_lib.validate(config)
-  io.check_writable(workdir)
   check_resume_config(workdir, config, allow_config_change)
   if not jax.config.jax_compilation_cache_dir:
     io.enable_compilation_cache()
-
+  # Every input is checked before the workdir is touched, so bad input leaves nothing behind.
   handlers = default_evaluators(config) if evaluators is None else evaluators
   for handler in handlers.values():
-    handler.prepare(config, workdir)   # may raise UserError: before anything is written
-
+    handler.prepare(config, workdir)
   images = jax.device_put(data_lib.load_images(config.data))
+  io.check_writable(workdir)
   model = models.get_model(config.model, compute_dtype(config))
   schedule = make_schedule(config)
   tx = make_optimizer(config.train)

@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except errors.UserError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except OSError as e:
+    # Reading is checked file by file; this is the report directory that cannot be written.
+    print(f"error: cannot write the report: {e.filename}: {e.strerror}", file=sys.stderr)
+    return 2
   return 2
 
 

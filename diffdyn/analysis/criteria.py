@@ -117,12 +117,9 @@ def curvature_key(run: runs_lib.Run, objective: str) -> str:
 def _lower_by_at_least(diff: stats.Interval, rel_change: float, threshold: float) -> str:
   """Verdict for "treatment is lower by >= threshold": the point estimate must pass the
   threshold and, with replicates, the difference's interval must exclude 0."""
-  passes = diff.estimate < 0 and rel_change <= -threshold
-  if not diff.has_interval:
-    return MET if passes else NOT_MET
-  if diff.includes(0.0):
-    return NOT_DISTINGUISHABLE
-  return MET if passes else NOT_MET
+  if not (diff.estimate < 0 and rel_change <= -threshold):
+    return NOT_MET
+  return NOT_DISTINGUISHABLE if diff.includes(0.0) else MET
 
 
 def _basis(interval: stats.Interval) -> str:
@@ -148,6 +145,9 @@ def curvature_mean_change(baseline: runs_lib.Group, treatment: runs_lib.Group,
     for run in group.runs:
       key = curvature_key(run, objective)
       values, (lo, hi) = window_values(run, key, options.late_window)
+      if not np.all(np.isfinite(values)):
+        raise Skip(f"{run.label} ({run.path}) has {np.sum(~np.isfinite(values))} infinite "
+                   f"{key!r} value(s) in steps {lo}-{hi} (diverged?); the mean is undefined")
       rows[role].append(dict(run=run.label, path=str(run.path), key=key, steps=[lo, hi],
                              points=int(values.size), mean=float(np.mean(values))))
   result = _compare([r["mean"] for r in rows["baseline"]],
@@ -286,11 +286,15 @@ def e6_vs_e5(baseline: runs_lib.Group, treatment: runs_lib.Group,
   else:
     overall = INCONCLUSIVE
   weighting = runs_lib.config_get(treatment.config, "loss.weighting")
+  caveat = None
+  if judged is train and weighting == "minsnr":
+    caveat = ("judged on the train objective because the reference objective was not "
+              "logged; Min-SNR lowers that trace by construction, so a 'met' here is weak")
   return dict(
       baseline=baseline.name, treatment=treatment.name,
       baseline_seeds=baseline.size, treatment_seeds=treatment.size,
       train_objective=train, reference_objective=reference, final_fid=fid,
-      overall=dict(verdict=overall, curvature_judged_on=judged["objective"]),
+      overall=dict(verdict=overall, curvature_judged_on=judged["objective"], caveat=caveat),
       note=MINSNR_NOTE if weighting == "minsnr" or reference["verdict"] != SKIPPED else None)
 
 

@@ -76,10 +76,11 @@ def mean_change_lines(result: dict, base: str, treat: str) -> list[str]:
   if result["verdict"] == criteria.SKIPPED:
     return _skipped("(a) mean curvature over the late window", result)
   rows = result["per_run"]
-  ranges = "; ".join(f"{r['run']}: steps {r['steps'][0]}-{r['steps'][1]}, {r['points']} points"
-                     for role in rows.values() for r in role)
+  ranges = "" if _replicated(rows) else " (" + "; ".join(
+      f"{r['run']}: steps {r['steps'][0]}-{r['steps'][1]}, {r['points']} points"
+      for role in rows.values() for r in role) + ")"
   lines = [
-      f"- (a) mean curvature ({_keys(rows)}) over {window(result['window'])} ({ranges}): "
+      f"- (a) mean curvature ({_keys(rows)}) over {window(result['window'])}{ranges}: "
       f"{_group_value(base, result['baseline'])}, {_group_value(treat, result['treatment'])}; "
       f"difference {interval(result['difference'])}; relative change "
       f"{interval(result['relative_change'], pct)} (success: <= {pct(result['threshold'])}) "
@@ -93,19 +94,22 @@ def spike_lines(result: dict, base: str, treat: str) -> list[str]:
   if result["verdict"] == criteria.SKIPPED:
     return _skipped("(b) curvature spikes", result)
   rows = result["per_run"]
-  counts = "; ".join(f"{r['run']}: {r['spikes']} of {r['points']} points "
-                     f"(steps {r['steps'][0]}-{r['steps'][1]})"
-                     for role in rows.values() for r in role)
+  counts = "" if _replicated(rows) else ": " + "; ".join(
+      f"{r['run']}: {r['spikes']} of {r['points']} points (steps {r['steps'][0]}-{r['steps'][1]})"
+      for role in rows.values() for r in role)
   measure = "spike count" if result["measure"] == "spikes" else "spike fraction"
   lines = [
       f"- (b) spikes ({_keys(rows)}): points above {num(result['factor'])} x the baseline median "
       f"({num(result['baseline_median'])}, threshold {num(result['threshold'])}) over "
-      f"{window(result['window'])}: {counts}. Mean {measure}: "
+      f"{window(result['window'])}{counts}. Mean {measure}: "
       f"{_group_value(base, result['baseline'])}, {_group_value(treat, result['treatment'])}; "
       f"difference {interval(result['difference'])} (success: fewer) -> "
       f"{bold(result['verdict'])} ({result['basis']})"]
   if result.get("note"):
     lines.append(f"  - note: {result['note']}")
+  if _replicated(rows):
+    lines += _per_run_table(rows, [("steps", "steps"), ("points", "points"),
+                                   ("spikes", "spikes")])
   return lines
 
 
@@ -154,6 +158,8 @@ def e6_lines(result: dict, how: str) -> list[str]:
   lines += ["### Overall", "",
             f"Useful probe (curvature shift on the {overall['curvature_judged_on']} objective "
             f"and final FID within +10%): {bold(overall['verdict'])}", ""]
+  if overall["caveat"]:
+    lines += [f"Caveat: {overall['caveat']}.", ""]
   return lines
 
 

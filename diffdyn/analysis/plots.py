@@ -50,13 +50,13 @@ def _step_label(x: float, _pos=None) -> str:
   return f"{x:g}"
 
 
-def zoom_limit(groups: Sequence[runs_lib.Group], key: str) -> int | None:
+def zoom_limit(runs: Sequence[runs_lib.Run]) -> int | None:
   """The shortest run's length when runs differ more than 2x in length, else None.
 
   A 50k-step run squeezes 10k-step runs into a fifth of the axis; a second panel over the
   shortest run's steps keeps them comparable (the E7 report's own zoomed figure).
   """
-  lengths = [r.total_steps for g in groups for r in g.runs if r.has(key)]
+  lengths = [r.total_steps for r in runs]
   if not lengths or max(lengths) <= 2 * min(lengths):
     return None
   return min(lengths)
@@ -95,6 +95,10 @@ def _render(draw, path: pathlib.Path, title: str, xlabel: str, ylabel: str,
     ax.grid(True, alpha=0.3)
     if log_y:
       ax.set_yscale("log")
+      # Plain decimals at 1-2-5 steps (0.05, 0.1, 0.2) read faster than 6x10^-2 labels.
+      ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+      ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if step_axis:
       ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_step_label))
     if i == 1:
@@ -163,6 +167,10 @@ def _groups_with(groups: Sequence[runs_lib.Group], key: str) -> list[runs_lib.Gr
   return [g for g in groups if any(r.has(key) for r in g.runs)]
 
 
+def _runs_with(groups: Sequence[runs_lib.Group], key: str) -> list[runs_lib.Run]:
+  return [r for g in groups for r in g.runs if r.has(key)]
+
+
 def _series_of(group: runs_lib.Group, key: str) -> list[runs_lib.Series]:
   return [r.series(key) for r in group.runs if r.has(key)]
 
@@ -197,7 +205,7 @@ def plot_loss(groups: Sequence[runs_lib.Group], colors: dict[str, str],
   if any(g.size > 1 for g in present):
     note += "; band: 95% over seeds"
   return _render(draw, path, "Training loss vs step", "training step",
-                 "train/loss (each run's own objective)", zoom_limit(present, LOSS),
+                 "train/loss (each run's own objective)", zoom_limit(_runs_with(present, LOSS)),
                  log_y=positive, note=note)
 
 
@@ -220,7 +228,8 @@ def plot_curvature(groups: Sequence[runs_lib.Group], colors: dict[str, str],
                    path: pathlib.Path) -> pathlib.Path | None:
   """Hutchinson trace mean with a band (probe std for one run, 95% over seeds for groups),
   and the reference objective dashed where it was logged."""
-  present = _groups_with(groups, criteria.CURVATURE)
+  present = [g for g in groups
+             if any(r.has(criteria.CURVATURE) or r.has(criteria.REF_CURVATURE) for r in g.runs)]
   if not present:
     return None
 
@@ -228,15 +237,19 @@ def plot_curvature(groups: Sequence[runs_lib.Group], colors: dict[str, str],
     for group in present:
       color = colors[group.name]
       band = "± probe std" if group.size == 1 else "95% band over seeds"
-      _draw_curvature(ax, group, criteria.CURVATURE, "curvature/hutch_trace_std", color, False,
-                      f"{_group_label(group)}, train objective ({band})")
-      if any(r.has(criteria.REF_CURVATURE) for r in group.runs):
+      has_train = any(r.has(criteria.CURVATURE) for r in group.runs)
+      if has_train:
+        _draw_curvature(ax, group, criteria.CURVATURE, "curvature/hutch_trace_std", color,
+                        False, f"{_group_label(group)}, train objective ({band})")
+      # With constant weighting the reference objective is the train objective: one line.
+      constant = runs_lib.config_get(group.config, "loss.weighting") == "constant"
+      if any(r.has(criteria.REF_CURVATURE) for r in group.runs) and not (constant and has_train):
         _draw_curvature(ax, group, criteria.REF_CURVATURE, "curvature/ref/hutch_trace_std",
                         color, True, f"{_group_label(group)}, reference eps-MSE (dashed)")
 
   return _render(draw, path, "Curvature (Hutchinson trace of the loss Hessian) vs step",
                  "training step", "Hessian trace estimate, tr(H)",
-                 zoom_limit(present, criteria.CURVATURE))
+                 zoom_limit([r for g in present for r in g.runs]))
 
 
 def _fid_points(group: runs_lib.Group, x_key: str | None):
@@ -316,7 +329,7 @@ def plot_fid(groups: Sequence[runs_lib.Group], colors: dict[str, str], path: pat
 
   note = "error bars: 95% interval over seeds" if any(g.size > 1 for g in present) else None
   title = "FID vs step" if x_key is None else "FID vs wall time"
-  zoom = zoom_limit(present, criteria.MILESTONE_FID) if x_key is None else None
+  zoom = zoom_limit(_runs_with(present, criteria.MILESTONE_FID)) if x_key is None else None
   return _render(draw, path, title, x_label, "FID (lower is better)", zoom,
                  step_axis=x_key is None, note=note)
 
@@ -345,7 +358,12 @@ def plot_sample_grids(groups: Sequence[runs_lib.Group], path: pathlib.Path,
   backend_agg.FigureCanvasAgg(fig)
   for i, (label, image_path) in enumerate(finals):
     ax = fig.add_subplot(rows, columns, i + 1)
-    ax.imshow(matplotlib.image.imread(image_path), interpolation="nearest")
+    try:
+      ax.imshow(matplotlib.image.imread(image_path), interpolation="nearest")
+    except (OSError, ValueError, SyntaxError) as e:
+      # A grid cut off by a kill should not cost the rest of the report.
+      ax.text(0.5, 0.5, f"unreadable image:\n{image_path.name}\n({type(e).__name__})",
+              ha="center", va="center", fontsize=8, transform=ax.transAxes)
     ax.set_title(f"{label}\nstep {_grid_step(image_path)}", fontsize=9)
     ax.axis("off")
   fig.suptitle("Final sample grids")

@@ -105,7 +105,7 @@ def _run_summary(run: runs_lib.Run, group: runs_lib.Group) -> dict:
       keys=sorted(run.metrics), warnings=list(run.warnings))
 
 
-def _hours_minutes(seconds: float | None) -> str:
+def _duration(seconds: float | None) -> str:
   if seconds is None or not math.isfinite(seconds):
     return "n/a"
   return f"{seconds / 60:.1f} min" if seconds < 3 * 3600 else f"{seconds / 3600:.2f} h"
@@ -117,10 +117,11 @@ def _runs_lines(summaries: Sequence[dict]) -> list[str]:
            "wall time | final FID | best FID (step) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for s in summaries:
-    best = "n/a" if s["best_fid"] is None else f"{markdown.num(s['best_fid'])} ({s['best_fid_step']})"
+    best = ("n/a" if s["best_fid"] is None
+            else f"{markdown.num(s['best_fid'])} ({s['best_fid_step']})")
     lines.append(f"| {s['label']} | `{s['path']}` | {s['group']} | {s['weighting']} | "
                  f"{s['base_channels']} | {s['total_steps']} | {s['last_step']} | "
-                 f"{_hours_minutes(s['wall_time_s'])} | {markdown.num(s['final_fid'])} | {best} |")
+                 f"{_duration(s['wall_time_s'])} | {markdown.num(s['final_fid'])} | {best} |")
   return lines + [""]
 
 
@@ -167,7 +168,9 @@ def _skipped_reasons(results: dict) -> list[str]:
 
   def visit(node: Any, where: str) -> None:
     if isinstance(node, dict):
-      if node.get("verdict") == criteria.SKIPPED:
+      # Summary verdicts (an objective's, the overall one) are skipped because a part was;
+      # only the parts carry a reason.
+      if node.get("verdict") == criteria.SKIPPED and "reason" in node:
         found.append(f"{where}: {node['reason']}")
         return
       for key, child in node.items():

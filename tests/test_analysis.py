@@ -1,0 +1,726 @@
+"""Tests for diffdyn.analysis: planted synthetic runs must give the planted numbers.
+
+Every expected value below is written down from how the synthetic data was built, or
+computed here with numpy/scipy (scipy.stats.t, ttest_ind, pearsonr, spearmanr) rather than
+taken from the code under test. Float comparisons use an absolute tolerance of 1e-9 unless
+a comment says otherwise; they are exact up to floating-point round-off.
+"""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from diffdyn import analysis
+from diffdyn import errors
+from diffdyn.analysis import criteria
+from diffdyn.analysis import roles
+from diffdyn.analysis import runs as runs_lib
+from diffdyn.analysis import stats
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CURV = "curvature/hutch_trace_mean"
+REF = "curvature/ref/hutch_trace_mean"
+MILESTONE = "val/fid_milestone/fid"
+FINAL = "eval/final/fid"
+TOL = 1e-9
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_config(name, seed=0, weighting="constant", total_steps=10_000, base_channels=32):
+  return dict(name=name, seed=seed, workdir=f"runs/{name}_{seed}",
+              loss=dict(weighting=weighting, minsnr_gamma=5.0),
+              model=dict(name="unet_cifar32", base_channels=base_channels),
+              train=dict(total_steps=total_steps, batch_size=4),
+              data=dict(name="synthetic"), diffusion=dict(schedule="linear"))
+
+
+def write_run(root, dirname, records, config=None, tail="", grid_steps=()):
+  """A run directory with one JSON line per record, then `tail` verbatim."""
+  path = pathlib.Path(root) / dirname
+  path.mkdir(parents=True)
+  text = "".join(json.dumps(r) + "\n" for r in records) + tail
+  (path / "metrics.jsonl").write_text(text)
+  if config is not None:
+    (path / "config.json").write_text(json.dumps(config))
+  for step in grid_steps:
+    (path / "samples").mkdir(exist_ok=True)
+    image = np.full((34, 34, 3), (step % 7) / 7.0)
+    matplotlib.image.imsave(path / "samples" / f"step_{step:06d}.png", image)
+  return path
+
+
+def series_records(key, steps, values, wall_per_step=0.01):
+  return [{"step": int(s), "wall_time": s * wall_per_step, key: float(v)}
+          for s, v in zip(steps, values)]
+
+
+def planted_e6_curvature(total):
+  """Curvature every total/100 steps for an E5/E6 pair with known window statistics.
+
+  Late window (60-100%): baseline all 100, treatment all 80, so the treatment is 20% lower.
+  Spike window (20-100%): baseline is 100 with 4 points at 400 (one exactly at the 20%
+  boundary, which is inside), so its median is 100 and the spike threshold 1.5 x 100 = 150.
+  The treatment has 2 points at 160 (spikes) and one at exactly 150 (not above, no spike).
+  Before the window both sit high (1000, 900, and 5000 one cadence before the window), and
+  none of that may be counted.
+  """
+  every = total // 100
+  steps = np.arange(every, total + 1, every)
+  frac = steps / total
+  base = np.where(frac < 0.2, 1000.0, 100.0)
+  treat = np.where(frac < 0.2, 900.0, 80.0)
+  base[steps == round(0.19 * total)] = 5000.0
+  for f in (0.2, 0.3, 0.4, 0.5):
+    base[steps == round(f * total)] = 400.0
+  for f in (0.25, 0.45):
+    treat[steps == round(f * total)] = 160.0
+  treat[steps == round(0.35 * total)] = 150.0
+  return steps, base, treat
+
+
+def write_e6_pair(root, total=10_000, base_fid=200.0, treat_fid=188.0, ref_values=95.0):
+  steps, base, treat = planted_e6_curvature(total)
+  base_records = series_records(CURV, steps, base) + [
+      {"step": total, "wall_time": 99.0, FINAL: base_fid}]
+  treat_records = series_records(CURV, steps, treat) + [
+      {"step": total, "wall_time": 99.0, FINAL: treat_fid}]
+  if ref_values is not None:
+    # Reference curvature: 95 everywhere after burn-in (5% below the baseline, no spikes).
+    ref = np.where(steps / total < 0.2, 950.0, ref_values)
+    treat_records += series_records(REF, steps, ref)
+  b = write_run(root, "e5", base_records, make_config("e5", 1077, total_steps=total))
+  t = write_run(root, "e6", treat_records,
+                make_config("e6", 1077, "minsnr", total_steps=total))
+  return b, t
+
+
+def groups_of(*paths):
+  return runs_lib.group_replicates(analysis.load_runs(paths))
+
+
+def fid_records(best, total=10_000, best_at=2000, final_offset=5.0):
+  """Milestones every 2000 steps: `best` at `best_at`, worse by 1 per milestone elsewhere."""
+  records = []
+  for k, step in enumerate(range(2000, total + 1, 2000)):
+    fid = best if step == best_at else best + 1.0 + k
+    records.append({"step": step, "wall_time": step * 0.1, MILESTONE: fid})
+  records.append({"step": total, "wall_time": total * 0.1 + 5, FINAL: best + final_offset})
+  return records
+
+
+NOISE = (-0.3, 0.1, 0.4, -0.2)  # planted seed-to-seed noise, mean 0
+
+
+def write_e7(root, ref_best, longer_best, wider_best, noise=NOISE):
+  """E7a/b/c groups with len(noise) seeds each; seed i's best FID is best + noise[i]."""
+  paths = []
+  for name, best, total, width in (("e7a", ref_best, 10_000, 32), ("e7b", longer_best, 50_000, 32),
+                                   ("e7c", wider_best, 10_000, 64)):
+    for seed, eps in enumerate(noise):
+      paths.append(write_run(root, f"{name}_s{seed}", fid_records(best + eps, total),
+                             make_config(name, seed, total_steps=total, base_channels=width)))
+  return paths
+
+
+def welch_ci(variant, reference):
+  """Reference interval: scipy's Welch t-test interval for mean(variant) - mean(reference)."""
+  ci = sps.ttest_ind(variant, reference, equal_var=False).confidence_interval(0.95)
+  return float(ci.low), float(ci.high)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_mean_interval_matches_t_by_hand():
+  x = np.array([203.1, 203.9, 203.4, 204.0])
+  got = stats.mean_interval(x, 0.95)
+  half = sps.t.ppf(0.975, 3) * x.std(ddof=1) / math.sqrt(4)
+  assert got.estimate == pytest.approx(x.mean(), abs=TOL)
+  assert got.low == pytest.approx(x.mean() - half, abs=TOL)
+  assert got.high == pytest.approx(x.mean() + half, abs=TOL)
+  lo90 = stats.mean_interval(x, 0.90).low
+  assert lo90 == pytest.approx(x.mean() - sps.t.ppf(0.95, 3) * x.std(ddof=1) / 2, abs=TOL)
+
+
+def test_single_value_has_no_interval():
+  got = stats.mean_interval([203.6])
+  assert got.estimate == 203.6 and not got.has_interval
+  assert got.method == "single seed: no interval"
+  diff = stats.welch_difference([203.6], [203.2])
+  assert diff.estimate == pytest.approx(-0.4, abs=TOL) and not diff.has_interval
+
+
+def test_welch_difference_matches_scipy():
+  a = np.array([203.5, 203.9, 203.2, 203.8])
+  b = np.array([203.0, 203.6, 203.1, 203.3, 202.9])
+  got = stats.welch_difference(a, b)
+  low, high = welch_ci(b, a)
+  assert got.estimate == pytest.approx(b.mean() - a.mean(), abs=TOL)
+  assert (got.low, got.high) == pytest.approx((low, high), abs=TOL)
+
+
+def test_relative_change_log_ratio_by_hand():
+  a = np.array([100.0, 104.0, 97.0, 101.0])
+  b = np.array([80.0, 83.0, 78.0, 81.0])
+  got = stats.relative_change(a, b)
+  low, high = log_ratio_interval(a, b)
+  assert got.estimate == pytest.approx(b.mean() / a.mean() - 1, abs=TOL)
+  assert (got.low, got.high) == pytest.approx((low, high), abs=TOL)
+  assert got.low < got.estimate < got.high
+
+
+def test_correlations_match_scipy():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=20)
+  y = -0.6 * x + rng.normal(size=20)
+  pearson = stats.correlation(x, y, "pearson")
+  ref = sps.pearsonr(x, y)
+  ci = ref.confidence_interval(0.95)  # scipy's Fisher-z interval
+  assert pearson.estimate == pytest.approx(ref.statistic, abs=TOL)
+  assert (pearson.low, pearson.high) == pytest.approx((ci.low, ci.high), abs=1e-7)
+  spearman = stats.correlation(x, y, "spearman")
+  rho = sps.spearmanr(x, y).statistic
+  half = 1.959963984540054 * math.sqrt(1.06 / 17)  # Fieller et al. (1957) variance
+  assert spearman.estimate == pytest.approx(rho, abs=TOL)
+  assert spearman.low == pytest.approx(math.tanh(math.atanh(rho) - half), abs=1e-9)
+
+
+def test_partial_correlation_equals_correlation_of_residuals():
+  rng = np.random.default_rng(5)
+  step = np.arange(30.0)
+  x = -step + rng.normal(scale=3.0, size=30)
+  y = step + rng.normal(scale=3.0, size=30)
+  got = stats.partial_correlation(x, y, step, "pearson")
+  rx = x - np.polyval(np.polyfit(step, x, 1), step)
+  ry = y - np.polyval(np.polyfit(step, y, 1), step)
+  r = sps.pearsonr(rx, ry).statistic
+  assert got.estimate == pytest.approx(r, abs=1e-9)
+  half = 1.959963984540054 / math.sqrt(30 - 4)  # one controlled variable: n - 3 - 1
+  assert got.high == pytest.approx(math.tanh(math.atanh(r) + half), abs=1e-9)
+  # Both series are driven by step, so the raw correlation is strongly negative while the
+  # partial one is not.
+  assert stats.correlation(x, y).estimate < -0.8
+  assert abs(got.estimate) < 0.5
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_split_lines_merge_by_step_and_special_floats(tmp_path):
+  tail = ('{"step": 100, "wall_time": 1.0, "train/loss": NaN}\n'
+          '{"step": 100, "wall_time": 1.5, "curvature/hutch_trace_mean": Infinity}\n'
+          '{"step": 200, "wall_time": 2.0, "train/loss": 0.5, "note": "text"}\n')
+  path = write_run(tmp_path, "r", [], make_config("r"), tail=tail)
+  run = analysis.load_run(path)
+  steps, loss = run.series("train/loss")
+  assert steps.tolist() == [100, 200]
+  assert math.isnan(loss[0]) and loss[1] == 0.5
+  assert run.series(CURV)[1].tolist() == [math.inf]
+  assert run.series("wall_time")[1].tolist() == [1.5, 2.0]  # latest line of step 100
+  assert any("'note' is not a number" in w and "metrics.jsonl:3" in w for w in run.warnings)
+
+
+def test_repeated_key_keeps_later_value_with_warning(tmp_path):
+  records = [{"step": 100, "train/loss": 1.0}, {"step": 100, "train/loss": 2.0}]
+  run = analysis.load_run(write_run(tmp_path, "r", records, make_config("r")))
+  assert run.series("train/loss")[1].tolist() == [2.0]
+  assert any("metrics.jsonl:2" in w and "more than once" in w for w in run.warnings)
+
+
+def test_truncated_last_line_is_ignored_with_warning(tmp_path):
+  records = series_records("train/loss", [100, 200, 300], [1.0, 0.9, 0.8])
+  path = write_run(tmp_path, "r", records, make_config("r"),
+                   tail='{"step": 400, "wall_time": 4.0, "train/lo')
+  run = analysis.load_run(path)
+  assert run.series("train/loss")[0].tolist() == [100, 200, 300]
+  assert len(run.warnings) == 1
+  assert run.warnings[0].startswith(f"{path / 'metrics.jsonl'}:4: incomplete last line ignored")
+
+
+def test_non_json_middle_line_names_file_and_line(tmp_path):
+  path = write_run(tmp_path, "r", [{"step": 1, "a": 1.0}], make_config("r"),
+                   tail='oops, not json\n{"step": 2, "a": 2.0}\n')
+  with pytest.raises(runs_lib.RunFormatError) as e:
+    analysis.load_run(path)
+  assert str(e.value).startswith(f"{path / 'metrics.jsonl'}:2: not valid JSON")
+  assert isinstance(e.value, errors.UserError)
+
+
+@pytest.mark.parametrize("tail, expected", [
+    ("", "empty, no metric lines"),
+    ("\n  \n", "empty, no metric lines"),
+    ('{"step": 1, "a": ', "no complete metric lines"),
+])
+def test_empty_run_names_the_file(tmp_path, tail, expected):
+  path = write_run(tmp_path, "r", [], make_config("r"), tail=tail)
+  with pytest.raises(runs_lib.RunFormatError, match=expected) as e:
+    analysis.load_run(path)
+  assert str(e.value).startswith(str(path / "metrics.jsonl"))
+
+
+def test_missing_metrics_file_and_missing_directory(tmp_path):
+  (tmp_path / "no_metrics").mkdir()
+  with pytest.raises(runs_lib.RunFormatError) as e:
+    analysis.load_run(tmp_path / "no_metrics")
+  assert str(e.value) == (f"{tmp_path / 'no_metrics' / 'metrics.jsonl'}: missing "
+                          f"(is {tmp_path / 'no_metrics'} a run directory?)")
+  with pytest.raises(runs_lib.RunFormatError, match="not a directory"):
+    analysis.load_run(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"wall_time": 1.0, "a": 1.0}', ":2: no 'step' field"),
+    ('{"step": "ten", "a": 1.0}', ":2: 'step' is 'ten', expected an integer"),
+    ('{"step": 2.5, "a": 1.0}', ":2: 'step' is 2.5, expected an integer"),
+    ('[1, 2]', ":2: expected a JSON object, got list"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, expected):
+  path = write_run(tmp_path, "r", [{"step": 1, "a": 1.0}], make_config("r"),
+                   tail=line + "\n" + '{"step": 3, "a": 1.0}\n')
+  with pytest.raises(runs_lib.RunFormatError) as e:
+    analysis.load_run(path)
+  assert str(e.value) == f"{path / 'metrics.jsonl'}{expected}"
+
+
+def test_bad_config_json_names_file_and_line(tmp_path):
+  path = write_run(tmp_path, "r", [{"step": 1, "a": 1.0}])
+  (path / "config.json").write_text('{\n  "name": "r",\n  oops\n}')
+  with pytest.raises(runs_lib.RunFormatError) as e:
+    analysis.load_run(path)
+  assert str(e.value).startswith(f"{path / 'config.json'}:3: not valid JSON")
+
+
+def test_missing_config_falls_back_to_directory_name(tmp_path):
+  run = analysis.load_run(write_run(tmp_path, "my_run", [{"step": 5, "a": 1.0}]))
+  assert run.name == "my_run" and run.total_steps == 5
+  assert any("config.json: missing" in w for w in run.warnings)
+
+
+def test_replicates_group_by_config_except_seed_and_workdir(tmp_path):
+  rec = [{"step": 1, "a": 1.0}]
+  paths = [write_run(tmp_path, f"e6_s{s}", rec, make_config("e6", s, "minsnr")) for s in (1, 2)]
+  paths.append(write_run(tmp_path, "e5", rec, make_config("e5")))
+  other = make_config("e6", 3, "minsnr")
+  other["train"]["batch_size"] = 8
+  paths.append(write_run(tmp_path, "e6_bs8", rec, other))
+  groups = groups_of(*paths)
+  assert [(g.name, g.size) for g in groups] == [("e6", 2), ("e5", 1), ("e6 [2]", 1)]
+  notes = runs_lib.grouping_notes(groups)
+  assert any("train.batch_size" in n for n in notes)
+
+
+# --------------------------------------------------------------------------- E6 vs E5
+
+
+@pytest.mark.parametrize("total", [10_000, 1_000])
+def test_e6_planted_curvature_spikes_and_fid(tmp_path, total):
+  b, t = write_e6_pair(tmp_path, total)
+  base, treat = groups_of(b, t)
+  result = criteria.e6_vs_e5(base, treat)
+  mean_change = result["train_objective"]["mean_change"]
+  assert mean_change["relative_change"].estimate == pytest.approx(-0.20, abs=TOL)
+  assert mean_change["baseline"].estimate == pytest.approx(100.0, abs=TOL)
+  assert mean_change["treatment"].estimate == pytest.approx(80.0, abs=TOL)
+  for row in mean_change["per_run"]["baseline"] + mean_change["per_run"]["treatment"]:
+    assert row["steps"] == [int(0.6 * total), total] and row["points"] == 41
+  assert mean_change["verdict"] == "met"
+  assert mean_change["basis"] == "single seed: no interval"
+  spikes = result["train_objective"]["spikes"]
+  assert spikes["baseline_median"] == 100.0 and spikes["threshold"] == 150.0
+  assert [r["spikes"] for r in spikes["per_run"]["baseline"]] == [4]
+  assert [r["spikes"] for r in spikes["per_run"]["treatment"]] == [2]
+  assert spikes["per_run"]["baseline"][0]["steps"] == [int(0.2 * total), total]
+  assert spikes["per_run"]["baseline"][0]["points"] == 81
+  assert spikes["verdict"] == "met" and spikes["measure"] == "spikes"
+  fid = result["final_fid"]
+  assert fid["relative_change"].estimate == pytest.approx(188 / 200 - 1, abs=TOL)
+  assert fid["verdict"] == "met" and fid["ideal_met"]
+  # Reference objective: E5 (constant weighting) stands in with its train curvature; E6's
+  # reference is 95 vs 100 (5% lower, not the 15% asked) but has no spikes (0 < 4).
+  reference = result["reference_objective"]
+  assert reference["mean_change"]["relative_change"].estimate == pytest.approx(-0.05, abs=TOL)
+  assert reference["mean_change"]["verdict"] == "not met"
+  assert reference["mean_change"]["per_run"]["baseline"][0]["key"] == CURV
+  assert reference["mean_change"]["per_run"]["treatment"][0]["key"] == REF
+  assert [r["spikes"] for r in reference["spikes"]["per_run"]["treatment"]] == [0]
+  assert reference["verdict"] == "met"
+  assert result["overall"] == {"verdict": "met", "curvature_judged_on": "reference",
+                               "caveat": None}
+  assert "min(SNR, gamma)/SNR" in result["note"]
+
+
+def test_e6_fid_worse_than_tolerance_fails(tmp_path):
+  b, t = write_e6_pair(tmp_path, base_fid=200.0, treat_fid=224.0)  # +12% > +10%
+  result = criteria.e6_vs_e5(*groups_of(b, t))
+  assert result["final_fid"]["relative_change"].estimate == pytest.approx(0.12, abs=TOL)
+  assert result["final_fid"]["verdict"] == "not met"
+  assert result["overall"]["verdict"] == "not met"
+
+
+def test_e6_without_reference_is_judged_on_train_objective_with_caveat(tmp_path):
+  b, t = write_e6_pair(tmp_path, ref_values=None)
+  result = criteria.e6_vs_e5(*groups_of(b, t))
+  assert result["reference_objective"]["verdict"] == "skipped"
+  assert "'curvature/ref/hutch_trace_mean' is not logged in e6" in (
+      result["reference_objective"]["mean_change"]["reason"])
+  assert result["overall"]["curvature_judged_on"] == "train"
+  assert "lowers that trace by construction" in result["overall"]["caveat"]
+
+
+def test_e6_infinite_curvature_skips_mean_but_counts_as_spike(tmp_path):
+  steps, base, treat = planted_e6_curvature(1000)
+  treat[steps == 900] = math.inf
+  b = write_run(tmp_path, "e5", series_records(CURV, steps, base),
+                make_config("e5", 0, total_steps=1000))
+  t = write_run(tmp_path, "e6", series_records(CURV, steps, treat),
+                make_config("e6", 0, "minsnr", total_steps=1000))
+  result = criteria.e6_vs_e5(*groups_of(b, t))["train_objective"]
+  assert result["mean_change"]["verdict"] == "skipped"
+  assert "1 infinite 'curvature/hutch_trace_mean' value(s) in steps 600-1000" in (
+      result["mean_change"]["reason"])
+  assert [r["spikes"] for r in result["spikes"]["per_run"]["treatment"]] == [3]  # 2 planted + inf
+
+
+def test_bad_options_are_user_errors():
+  with pytest.raises(errors.UserError, match="late_window must satisfy"):
+    criteria.Options(late_window=(0.8, 0.6))
+  with pytest.raises(errors.UserError, match="confidence must be in"):
+    criteria.Options(confidence=95)
+
+
+def test_e6_missing_keys_skip_with_reason(tmp_path):
+  b = write_run(tmp_path, "e5", series_records("train/loss", [100, 200], [1, 2]),
+                make_config("e5"))
+  t = write_run(tmp_path, "e6", series_records("train/loss", [100, 200], [1, 2]),
+                make_config("e6", weighting="minsnr"))
+  result = criteria.e6_vs_e5(*groups_of(b, t))
+  reason = result["train_objective"]["mean_change"]["reason"]
+  assert result["train_objective"]["mean_change"]["verdict"] == "skipped"
+  assert f"'{CURV}' is not logged in e5 seed 0 ({b})" == reason
+  assert "'eval/final/fid' is not logged" in result["final_fid"]["reason"]
+  assert result["overall"]["verdict"] == "skipped"
+  text = analysis.write_report(analysis.load_runs([b, t]), tmp_path / "out").read_text()
+  assert f"- (a) mean curvature over the late window: **skipped**: {reason}" in text
+  assert "- skipped e6_vs_e5.final_fid: 'eval/final/fid' is not logged in e5" in text
+
+
+def test_e6_replicates_use_welch_intervals(tmp_path):
+  total, steps = 1000, np.arange(10, 1001, 10)
+  base_levels, treat_levels = [100.0, 104.0, 97.0], [80.0, 83.0, 79.0]
+  paths = []
+  for seed, (lb, lt) in enumerate(zip(base_levels, treat_levels)):
+    paths.append(write_run(tmp_path, f"e5_s{seed}", series_records(CURV, steps, np.full(100, lb)),
+                           make_config("e5", seed, total_steps=total)))
+    paths.append(write_run(tmp_path, f"e6_s{seed}", series_records(CURV, steps, np.full(100, lt)),
+                           make_config("e6", seed, "minsnr", total_steps=total)))
+  groups = groups_of(*paths)
+  base, treat, how = roles.e6_roles(groups)
+  assert (base.name, treat.name, base.size) == ("e5", "e6", 3)
+  result = criteria.e6_vs_e5(base, treat)["train_objective"]["mean_change"]
+  low, high = welch_ci(treat_levels, base_levels)
+  assert (result["difference"].low, result["difference"].high) == pytest.approx((low, high),
+                                                                                abs=TOL)
+  assert high < 0  # precondition of the planted case: the interval excludes 0
+  assert result["verdict"] == "met" and result["basis"].startswith("95% interval (Welch t")
+
+
+def log_ratio_interval(a, b):
+  """Reference: delta-method interval of mean(b)/mean(a) - 1 on the log scale, by hand."""
+  a, b = np.asarray(a), np.asarray(b)
+  va, vb = a.var(ddof=1) / (a.size * a.mean() ** 2), b.var(ddof=1) / (b.size * b.mean() ** 2)
+  df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+  half = sps.t.ppf(0.975, df) * math.sqrt(va + vb)
+  center = math.log(b.mean() / a.mean())
+  return math.expm1(center - half), math.expm1(center + half)
+
+
+@pytest.mark.parametrize("treat_fids, verdict", [
+    ((215.0, 230.0, 200.0), "inconclusive"),  # estimate +7.5% but the interval reaches > +10%
+    ((205.0, 207.0, 206.0), "met"),           # whole interval below +10%
+    ((240.0, 242.0, 238.0), "not met"),       # whole interval above +10%
+])
+def test_e6_final_fid_non_inferiority_with_replicates(tmp_path, treat_fids, verdict):
+  base_fids = (200.0, 202.0, 198.0)
+  paths = []
+  for seed, (fb, ft) in enumerate(zip(base_fids, treat_fids)):
+    paths.append(write_run(tmp_path, f"e5_s{seed}", [{"step": 100, FINAL: fb}],
+                           make_config("e5", seed)))
+    paths.append(write_run(tmp_path, f"e6_s{seed}", [{"step": 100, FINAL: ft}],
+                           make_config("e6", seed, "minsnr")))
+  base, treat, _ = roles.e6_roles(groups_of(*paths))
+  result = criteria.e6_vs_e5(base, treat)["final_fid"]
+  low, high = log_ratio_interval(base_fids, treat_fids)
+  assert (result["relative_change"].low, result["relative_change"].high) == pytest.approx(
+      (low, high), abs=TOL)
+  assert result["verdict"] == verdict
+
+
+def test_e6_roles_by_config_and_by_flag(tmp_path):
+  rec = [{"step": 1, "a": 1.0}]
+  paths = [write_run(tmp_path, "const", rec, make_config("const")),
+           write_run(tmp_path, "msnr", rec, make_config("msnr", weighting="minsnr")),
+           write_run(tmp_path, "wide", rec, make_config("wide", base_channels=64))]
+  groups = groups_of(*paths)
+  base, treat, how = roles.e6_roles(groups)
+  assert (base.name, treat.name) == ("const", "msnr") and "by config" in how
+  base, treat, _ = roles.e6_roles(groups, baseline="wide")
+  assert (base.name, treat.name) == ("wide", "msnr")
+  with pytest.raises(errors.UserError, match="--baseline 'nope': no run or group"):
+    roles.e6_roles(groups, baseline="nope")
+
+
+# --------------------------------------------------------------------------- E7
+
+
+def test_best_fid_planted_step_source_and_ties(tmp_path):
+  records = [{"step": s, MILESTONE: f} for s, f in
+             zip(range(2000, 10001, 2000), [210.0, 203.6, 205.0, 203.6, 208.0])]
+  records.append({"step": 10000, FINAL: 208.5})
+  best = criteria.best_fid(analysis.load_run(write_run(tmp_path, "a", records)))
+  assert (best["best_fid"], best["step"], best["source"]) == (203.6, 4000, MILESTONE)
+  assert not best["at_first_eval"]
+  records = [{"step": 2000, MILESTONE: 210.0}, {"step": 4000, MILESTONE: math.nan},
+             {"step": 4000, FINAL: 205.0}]
+  best = criteria.best_fid(analysis.load_run(write_run(tmp_path, "b", records)))
+  assert (best["best_fid"], best["step"], best["source"]) == (205.0, 4000, FINAL)
+
+
+@pytest.mark.parametrize("ref, longer, wider, outcome, steps_verdict, capacity_verdict", [
+    (200.0, 180.0, 199.9, "under-training", "clearly better", "not distinguishable"),
+    (200.0, 200.1, 180.0, "under-capacity", "not distinguishable", "clearly better"),
+    (200.0, 185.0, 180.0, "both", "clearly better", "clearly better"),
+    (203.6, 203.6, 203.2, "neither", "not distinguishable", "not distinguishable"),
+    (200.0, 210.0, 199.0, "neither", "clearly worse", "better, but below the practical threshold"),
+])
+def test_e7_branches_with_four_seeds(tmp_path, ref, longer, wider, outcome, steps_verdict,
+                                     capacity_verdict):
+  groups = groups_of(*write_e7(tmp_path, ref, longer, wider))
+  found, _, missing = roles.e7_roles(groups)
+  assert not missing and [g.size for g in found.values()] == [4, 4, 4]
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  ref_values = [ref + e for e in NOISE]
+  for name, best, verdict in (("steps_effect", longer, steps_verdict),
+                              ("capacity_effect", wider, capacity_verdict)):
+    values = [best + e for e in NOISE]
+    low, high = welch_ci(values, ref_values)
+    comparison = result[name]
+    assert comparison["difference"].estimate == pytest.approx(best - ref, abs=TOL)
+    assert (comparison["difference"].low, comparison["difference"].high) == pytest.approx(
+        (low, high), abs=TOL)
+    assert comparison["improvement"] == pytest.approx((ref - best) / ref, abs=TOL)
+    assert comparison["verdict"] == verdict
+  mean_a = result["best_fid"]["e7a"]["best_fid"]
+  half = sps.t.ppf(0.975, 3) * np.std(ref_values, ddof=1) / 2
+  assert (mean_a.estimate, mean_a.low) == pytest.approx((ref, ref - half), abs=TOL)
+  assert result["best_fid"]["e7a"]["steps"] == [2000] * 4
+  assert result["interpretation"]["outcome"] == outcome
+
+
+def test_e7_203_2_vs_203_6_is_not_distinguishable(tmp_path):
+  noise = (-0.5, 0.4, 0.3, -0.2)  # seed noise as large as the gap
+  groups = groups_of(*write_e7(tmp_path, 203.6, 203.6, 203.2, noise))
+  found, _, _ = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  low, high = welch_ci([203.2 + e for e in noise], [203.6 + e for e in noise])
+  assert low < 0 < high  # precondition: scipy's interval includes 0
+  assert result["capacity_effect"]["verdict"] == "not distinguishable"
+
+
+def test_e7_single_seed_cannot_be_decided(tmp_path):
+  groups = groups_of(*write_e7(tmp_path, 203.6, 203.6, 203.2, noise=(0.0,)))
+  found, _, _ = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  assert result["capacity_effect"]["verdict"] == "cannot be decided (single seed: no interval)"
+  assert result["capacity_effect"]["difference"].estimate == pytest.approx(-0.4, abs=1e-9)
+  interpretation = result["interpretation"]
+  assert interpretation["outcome"] == "undecided"
+  assert interpretation["text"].startswith("cannot be decided: single seed")
+  assert "neither improves" in interpretation["text"]
+
+
+def test_e7_missing_role_is_skipped(tmp_path):
+  paths = write_e7(tmp_path, 200.0, 180.0, 199.0)
+  groups = [g for g in groups_of(*paths) if g.name != "e7c"]
+  found, _, missing = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"],
+                                         missing=missing)
+  assert result["capacity_effect"]["verdict"] == "skipped"
+  assert "no run named e7c" in result["capacity_effect"]["reason"]
+  assert result["interpretation"]["outcome"] == "incomplete"
+
+
+# --------------------------------------------------------------------------- association
+
+
+def test_association_pairs_use_last_curvature_at_or_before_milestone(tmp_path):
+  paths = []
+  for i, offset in enumerate((0.0, 50.0)):
+    steps = np.arange(100, 10001, 100)
+    curvature = 1000.0 - 0.05 * steps + offset
+    records = series_records(CURV, steps, curvature)
+    for m in (2050, 4050, 6050, 8050):
+      # Planted: FID = 300 - 0.1 * curvature at step m - 50, exactly linear and decreasing.
+      records.append({"step": m, MILESTONE: 300.0 - 0.1 * (1000.0 - 0.05 * (m - 50) + offset)})
+    paths.append(write_run(tmp_path, f"r{i}", records, make_config(f"r{i}", i)))
+  result = criteria.curvature_fid_association(analysis.load_runs(paths))
+  assert result["n"] == 8
+  assert [p["curvature_step"] for p in result["pairs"][:4]] == [2000, 4000, 6000, 8000]
+  assert result["measures"]["pearson"].estimate == pytest.approx(-1.0, abs=1e-9)
+  assert result["measures"]["spearman"].estimate == pytest.approx(-1.0, abs=1e-12)
+  assert result["readings"]["pearson"] == "negative"
+  assert result["warnings"] == ["only n = 8 milestone pairs (< 10): the intervals are "
+                                "approximate and wide"]
+
+
+def test_association_matches_scipy_on_noisy_pairs(tmp_path):
+  rng = np.random.default_rng(11)
+  paths, curv, fid = [], [], []
+  for i in range(3):
+    records = []
+    for m in range(1000, 12001, 1000):
+      c, f = 500.0 - 0.02 * m + rng.normal(0, 20), 200 + 0.0005 * m + rng.normal(0, 1)
+      curv.append(c)
+      fid.append(f)
+      records += [{"step": m, CURV: c}, {"step": m, MILESTONE: f}]
+    paths.append(write_run(tmp_path, f"r{i}", records, make_config(f"r{i}", i)))
+  result = criteria.curvature_fid_association(analysis.load_runs(paths))
+  assert result["n"] == 36 and not result["warnings"]
+  assert result["measures"]["spearman"].estimate == pytest.approx(
+      sps.spearmanr(curv, fid).statistic, abs=TOL)
+  ci = sps.pearsonr(curv, fid).confidence_interval(0.95)
+  assert (result["measures"]["pearson"].low, result["measures"]["pearson"].high) == \
+      pytest.approx((ci.low, ci.high), abs=1e-7)
+
+
+def test_association_with_too_few_pairs_is_skipped(tmp_path):
+  path = write_run(tmp_path, "r", [{"step": 100, CURV: 1.0}, {"step": 100, MILESTONE: 200.0}],
+                   make_config("r"))
+  result = criteria.guarded(criteria.curvature_fid_association, [analysis.load_run(path)])
+  assert result["verdict"] == "skipped" and result["reason"].startswith("1 milestone(s)")
+
+
+# --------------------------------------------------------------------------- report and CLI
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("loss_vs_step.png", "curvature_vs_step.png", "fid_vs_step.png",
+           "fid_vs_wall_time.png", "sample_grids.png", "curvature_vs_fid.png")
+
+
+def full_study(root):
+  """E5/E6 single seeds plus E7a/b/c with two seeds each, all with loss and sample grids."""
+  b, t = write_e6_pair(root)
+  paths = [b, t] + write_e7(root, 200.0, 199.0, 198.0, noise=(-0.2, 0.2))
+  rng = np.random.default_rng(0)
+  for path in paths:
+    run = analysis.load_run(path)
+    total = run.total_steps
+    steps = np.arange(total // 50, total + 1, total // 50)
+    loss = 0.05 + np.exp(-steps / total * 5) + rng.uniform(0, 0.02, steps.size)
+    curv = 300 + 500 * np.exp(-steps / total * 3)
+    with open(path / "metrics.jsonl", "a") as f:
+      for s, l, c in zip(steps, loss, curv):
+        f.write(json.dumps({"step": int(s), "wall_time": float(s), "train/loss": float(l)}) + "\n")
+        if not run.has(CURV):
+          f.write(json.dumps({"step": int(s), CURV: float(c),
+                              "curvature/hutch_trace_std": 30.0}) + "\n")
+    (path / "samples").mkdir()
+    matplotlib.image.imsave(path / "samples" / f"step_{total:06d}.png", rng.random((34, 34, 3)))
+  return paths
+
+
+def test_report_renders_figures_markdown_and_strict_json(tmp_path):
+  paths = full_study(tmp_path / "runs")
+  out = tmp_path / "report"
+  report_path = analysis.write_report(analysis.load_runs(paths), out)
+  for name in FIGURES:
+    data = (out / name).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+  text = report_path.read_text()
+  for heading in ("## E6 vs E5", "(a) mean curvature", "(b) spikes", "(c) final FID",
+                  "Reference objective", "## E7: steps vs capacity", "**Interpretation:",
+                  "## Curvature-FID association", "![FID vs wall time](fid_vs_wall_time.png)"):
+    assert heading in text, heading
+  assert "steps 6000-10000" in text and "steps 2000-10000" in text
+  assert "step grids differ" in text  # E7b (50k) logs on a different grid than E7a
+  payload = json.loads((out / "criteria.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+  mean_change = payload["criteria"]["e6_vs_e5"]["train_objective"]["mean_change"]
+  assert mean_change["relative_change"]["estimate"] == pytest.approx(-0.2, abs=TOL)
+  assert payload["criteria"]["e7"]["best_fid"]["e7a"]["seeds"] == 2
+
+
+def test_report_different_step_grids_say_so(tmp_path):
+  steps, base, treat = planted_e6_curvature(10_000)
+  b = write_run(tmp_path, "e5", series_records(CURV, steps, base), make_config("e5"))
+  fine = np.arange(50, 10001, 50)
+  t = write_run(tmp_path, "e6", series_records(CURV, fine, np.interp(fine, steps, treat)),
+                make_config("e6", weighting="minsnr"))
+  result = criteria.e6_vs_e5(*groups_of(b, t))
+  spikes = result["train_objective"]["spikes"]
+  assert [r["points"] for r in spikes["per_run"]["treatment"]] == [161]  # its own points
+  assert spikes["measure"] == "fraction" and "different numbers of points" in spikes["note"]
+  notes = analysis.report.step_grid_notes(analysis.load_runs([b, t]))
+  assert len(notes) == 1 and notes[0].startswith(f"step grids differ for `{CURV}`")
+
+
+def test_curvature_figure_with_reference_objective_only(tmp_path):
+  # curvature.objective="reference" logs only curvature/ref/...; the figure must still draw.
+  steps = np.arange(100, 1001, 100)
+  path = write_run(tmp_path, "r", series_records(REF, steps, 1000.0 / steps), make_config("r"))
+  groups = groups_of(path)
+  out = analysis.plots.plot_curvature(groups, analysis.plots.group_colors(groups),
+                                      tmp_path / "c.png")
+  assert out is not None and out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_unreadable_sample_grid_does_not_stop_the_figure(tmp_path):
+  path = write_run(tmp_path, "r", [{"step": 10, "a": 1.0}], make_config("r"), grid_steps=(10,))
+  (path / "samples" / "step_000020.png").write_bytes(PNG_MAGIC + b"cut off")
+  out = analysis.plots.plot_sample_grids(groups_of(path), tmp_path / "grids.png")
+  assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def run_cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, "-m", "diffdyn.analysis", *map(str, args)],
+                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+  good = write_run(tmp_path, "good", [{"step": 1, "a": 1.0}], make_config("good"))
+  bad = write_run(tmp_path, "bad", [{"step": 1, "a": 1.0}], make_config("bad"),
+                  tail="not json\n{\"step\": 2}\n")
+  proc = run_cli("report", good, bad, "--out", tmp_path / "out")
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [f"error: {bad / 'metrics.jsonl'}:2: not valid JSON: "
+                                      "Expecting value at column 1"]
+  proc = run_cli("report", tmp_path / "absent", "--out", tmp_path / "out")
+  assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+  assert str(tmp_path / "absent") in proc.stderr
+  proc = run_cli("report", good)  # --out missing: a usage error, also one line
+  assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+  (tmp_path / "a_file").write_text("")
+  proc = run_cli("report", good, "--out", tmp_path / "a_file")
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [f"error: cannot write the report: {tmp_path / 'a_file'}: "
+                                      "File exists"]
+
+
+def test_cli_report_prints_windows_and_writes_files(tmp_path):
+  b, t = write_e6_pair(tmp_path, total=1000)
+  proc = run_cli("report", b, t, "--out", tmp_path / "out", "--late-window", "0.5", "1.0")
+  assert proc.returncode == 0, proc.stderr
+  assert "late window for e5 seed 1077: steps 500-1000" in proc.stdout
+  assert "spike window for e6 seed 1077: steps 200-1000" in proc.stdout
+  assert (tmp_path / "out" / "report.md").is_file()
+  assert (tmp_path / "out" / "criteria.json").is_file()
