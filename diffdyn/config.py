@@ -27,6 +27,17 @@ _PROBABILITY: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 _POSITIVE_INTS: Rule = (lambda v: len(v) > 0 and all(isinstance(i, int) and i > 0 for i in v),
                         "a non-empty sequence of integers > 0")
 
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _variants(ok_item: Callable[[Any], bool], items: str) -> Rule:
+  """A sweep axis: a sequence of distinct values, each passing ok_item; empty means no axis."""
+  return (lambda v: all(ok_item(i) for i in v) and len(set(v)) == len(v),
+          f"a sequence of distinct {items} (empty: not swept)")
+
+
 RULES: dict[str, Rule] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "data.name": _one_of("cifar10", "synthetic"),
@@ -88,6 +99,15 @@ RULES: dict[str, Rule] = {
     "eval.grid_eta": _NON_NEGATIVE,
     "fid.batch_size": _POSITIVE_INT,
     "sweep.seeds": _POSITIVE_INT,
+    "sweep.seed_list": _variants(lambda v: isinstance(v, int) and not isinstance(v, bool)
+                                 and 0 <= v < 2**32, "integers in [0, 2**32)"),
+    "sweep.minsnr_gamma": _variants(lambda v: _is_number(v) and 0 < v < math.inf,
+                                    "finite numbers > 0"),
+    "sweep.learning_rate": _variants(lambda v: _is_number(v) and 0 < v < math.inf,
+                                     "finite numbers > 0"),
+    "sweep.ema_decay": _variants(lambda v: _is_number(v) and 0 <= v < 1, "numbers in [0, 1)"),
+    "sweep.loss_weighting": _variants(lambda v: v in ("constant", "minsnr"),
+                                      "'constant' or 'minsnr'"),
 }
 
 

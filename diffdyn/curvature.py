@@ -397,6 +397,12 @@ def get_curvature_fn(per_example_loss_fn: Callable, loss_weights, num_timesteps:
       curvature/ref/... with the same names                         (reference objective)
       curvature/band/{k}/hutch_trace_{mean,stderr}                  (t_bands > 0; NaN if empty)
     Keys name the objective, so objective="reference" writes only curvature/ref/... .
+
+  Cost, with m = (1 or 2) + t_bands objectives: Hutchinson runs num_probes HVPs over the
+  probe batch, each one forward and m backward passes; Hutch++ runs m * num_probes full
+  HVPs; Lanczos adds top_eig_iters HVPs per train/reference objective and stores
+  top_eig_iters + 1 flattened parameter vectors. Each per-probe key is one output of the
+  compiled function (a few ms of compile time each on CPU).
   """
   _check_estimator(estimator, num_probes)
   if objective not in OBJECTIVES:

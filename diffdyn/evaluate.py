@@ -5,6 +5,7 @@ written), compiles in `start`, and at a due step measures, writes its metrics an
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -35,29 +36,53 @@ class CurvatureProbe:
   def prepare(self, config, workdir):
     del workdir
     self.config = config
+    # Compiled measurements by loss weights; the copies `for_run` makes share this dict.
+    self._programs = {}
 
   def start(self, ctx):
+    self._bind(ctx)
+
+  def for_run(self, ctx):
+    """This probe for another run of a sweep (another seed or variant, same shapes).
+
+    The copy measures on its own run's probe batch and keys and writes to its own writer, but
+    shares the compiled measurements: a sweep compiles one per distinct loss weighting.
+    """
+    probe = copy.copy(self)
+    probe.config = ctx.config
+    probe._bind(ctx)  # pylint: disable=protected-access
+    return probe
+
+  def _bind(self, ctx):
     config, cc = ctx.config, ctx.config.curvature
-    # float32 and no dropout whatever the training precision: every probe sees one function.
-    model = models.get_model(config.model, jnp.float32)
-    per_example = train_lib.get_per_example_loss_fn(config, model, ctx.schedule)
     weights = train_lib.loss_weights(config, ctx.schedule)
+    key = weights.tobytes()
+    if key not in self._programs:
+      self._programs[key] = self._build(config, ctx.schedule, weights)
+    self._fns, self._compiled = self._programs[key]
     keys = train_lib.stream_keys(config.seed)
     self._keys, self._ctx = keys, ctx
-    common = dict(num_probes=cc.num_probes, estimator=cc.estimator, objective=cc.objective,
-                  t_bands=cc.t_bands, chunk_size=cc.chunk_size or None)
-    loss = lambda p, x0, t, noise: per_example(p, x0, t, noise)
-    self._fn = jax.jit(curvature.get_curvature_fn(loss, weights, config.diffusion.num_timesteps,
-                                                  **common))
-    self._fn_eig = None
-    if cc.top_eig_every_steps:
-      self._fn_eig = jax.jit(curvature.get_curvature_fn(
-          loss, weights, config.diffusion.num_timesteps, top_eig_iters=cc.top_eig_iters, **common))
-    self._compiled = {}
     if cc.batch == "fixed":
       x0, t, noise = curvature.make_probe_batch(keys["probe_batch"], ctx.images, cc.batch_size,
                                                 config.diffusion.num_timesteps)
       self._fixed = (x0, t, noise)
+
+  @staticmethod
+  def _build(config, schedule, weights):
+    """({with_eig: jitted measurement or None}, {} for its compiled forms) for these weights."""
+    cc = config.curvature
+    # float32 and no dropout whatever the training precision: every probe sees one function.
+    model = models.get_model(config.model, jnp.float32)
+    per_example = train_lib.get_per_example_loss_fn(config, model, schedule)
+    common = dict(num_probes=cc.num_probes, estimator=cc.estimator, objective=cc.objective,
+                  t_bands=cc.t_bands, chunk_size=cc.chunk_size or None)
+    loss = lambda p, x0, t, noise: per_example(p, x0, t, noise)
+    fns = {False: jax.jit(curvature.get_curvature_fn(
+        loss, weights, config.diffusion.num_timesteps, **common)), True: None}
+    if cc.top_eig_every_steps:
+      fns[True] = jax.jit(curvature.get_curvature_fn(
+          loss, weights, config.diffusion.num_timesteps, top_eig_iters=cc.top_eig_iters, **common))
+    return fns, {}
 
   def due(self, events):
     return "curvature" in events
@@ -74,11 +99,11 @@ class CurvatureProbe:
   def __call__(self, state, step, events):
     del events
     cc = self.config.curvature
-    with_eig = self._fn_eig is not None and step % cc.top_eig_every_steps == 0
+    with_eig = self._fns[True] is not None and step % cc.top_eig_every_steps == 0
     params = jax.tree.map(lambda a: a.astype(jnp.float32), state.params)
     args = (params, self._batch(state, step), jax.random.fold_in(self._keys["curvature"], step))
     if with_eig not in self._compiled:
-      self._compiled[with_eig], secs = timed_compile(self._fn_eig if with_eig else self._fn, *args)
+      self._compiled[with_eig], secs = timed_compile(self._fns[with_eig], *args)
       log.info("compiled the curvature probe in %.1f s", secs)
     start = time.monotonic()
     out = jax.device_get(self._compiled[with_eig](*args))
@@ -130,9 +155,7 @@ class SamplesAndFid:
 
   def start(self, ctx):
     config, e = ctx.config, ctx.config.eval
-    self._ctx = ctx
-    self._keys = train_lib.stream_keys(config.seed)
-    os.makedirs(self.samples_dir, exist_ok=True)
+    self._bind(ctx)
     model = models.get_model(config.model, train_lib.compute_dtype(config))
     grid_batch = min(e.sample_batch_size, e.grid_num_samples)
     self._grid_fn = get_sample_fn(config, model, ctx.schedule, sampler=e.grid_sampler,
@@ -144,6 +167,23 @@ class SamplesAndFid:
                                    eta=e.eta, batch_size=self._fid_batch)
       self._reference = self._reference_stats(ctx)
 
+  def for_run(self, ctx):
+    """These evaluations for another run of a sweep (another seed or loss/optimizer variant).
+
+    The copy shares the compiled samplers, the Inception weights and the reference statistics
+    (sweeps vary no model, eval or data setting); its samples, noise and metrics are its run's.
+    """
+    evaluator = copy.copy(self)
+    evaluator.config = ctx.config
+    evaluator.samples_dir = os.path.join(ctx.workdir, "samples")
+    evaluator._bind(ctx)  # pylint: disable=protected-access
+    return evaluator
+
+  def _bind(self, ctx):
+    self._ctx = ctx
+    self._keys = train_lib.stream_keys(ctx.config.seed)
+    os.makedirs(self.samples_dir, exist_ok=True)
+
   def _reference_stats(self, ctx):
     from diffdyn import fid  # pylint: disable=import-outside-toplevel
     fc = self.config.fid
@@ -151,7 +191,7 @@ class SamplesAndFid:
       return fid.load_stats(fc.reference_stats)
     return fid.reference_stats(self.inception, np.asarray(jax.device_get(ctx.images)),
                                cache_dir=fc.cache_dir or io.default_cache_dir(),
-                               batch_size=fc.batch_size)
+                               batch_size=fc.batch_size, keep_features=True)
 
   def due(self, events):
     return "samples" in events or "final" in events
@@ -183,7 +223,8 @@ class SamplesAndFid:
     ref = self._reference
     scalars = {f"{prefix}/fid": fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])}
     if "features" in ref:
-      scalars[f"{prefix}/kid"] = float(fid.kid(feats, ref["features"])[0])
+      subset = min(1000, len(feats), len(ref["features"]))
+      scalars[f"{prefix}/kid"] = float(fid.kid(feats, ref["features"], subset_size=subset)[0])
     scalars[io.TIMING_PREFIX + f"{prefix}/sample_seconds"] = sampled - start
     scalars[io.TIMING_PREFIX + f"{prefix}/inception_seconds"] = time.monotonic() - sampled
     self._ctx.writer.write_scalars(step, scalars)

@@ -107,7 +107,14 @@ def get_config() -> ml_collections.ConfigDict:
       cache_dir="",           # default: $DIFFDYN_CACHE or ~/.cache/diffdyn
   ))
 
+  # Replicates trained together as one vmapped program (diffdyn/sweep.py): the grid of the seeds
+  # and every non-empty variant tuple, each replicate with its own run directory.
   config.sweep = ml_collections.ConfigDict(dict(
-      seeds=1,
+      seeds=1,               # replicates per variant: seeds seed, seed + 1, ...
+      seed_list=(),          # explicit seeds instead; then `seeds` is 1 or their number
+      minsnr_gamma=(),       # variants of loss.minsnr_gamma, e.g. (1.0, 5.0)
+      learning_rate=(),      # variants of train.learning_rate
+      ema_decay=(),          # variants of train.ema_decay
+      loss_weighting=(),     # variants of loss.weighting: ("constant", "minsnr") is E5 + E6
   ))
   return config

@@ -34,32 +34,6 @@ def _rel_err(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def _seeded_state_dict(ref):
-  """The fixture's weights, rebuilt from the recipe in shared/fixtures/make_fid_parity.py."""
-  rng = np.random.default_rng(int(ref["seed"]))
-  gain, shift = float(ref["conv_gain"]), float(ref["shift_std"])
-  state_dict = {}
-  for name, shape_text in zip(ref["names"], ref["shapes"]):
-    name, shape = str(name), tuple(int(s) for s in str(shape_text).split(","))
-    if name.endswith("conv.weight"):
-      fan_in = shape[1] * shape[2] * shape[3]
-      a = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) * gain
-    elif name.endswith("bn.weight"):
-      a = rng.uniform(0.6, 1.0, shape)
-    elif name.endswith(("bn.bias", "running_mean")):
-      a = rng.normal(0.0, shift, shape)
-    elif name.endswith("running_var"):
-      a = rng.uniform(0.6, 1.4, shape)
-    elif name == "fc.weight":
-      a = rng.standard_normal(shape) * 0.01
-    elif name == "fc.bias":
-      a = np.zeros(shape)
-    else:
-      raise KeyError(name)
-    state_dict[name] = a.astype(np.float32)
-  return state_dict
-
-
 @pytest.fixture(scope="module")
 def ref():
   with np.load(FIXTURE) as f:
@@ -68,7 +42,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def state_dict(ref):
-  return _seeded_state_dict(ref)
+  return fid.seeded_state_dict(ref)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from diffdyn.fid.metrics import mmd2_unbiased
 from diffdyn.fid.metrics import reference_stats
 from diffdyn.fid.weights import load_inception
 from diffdyn.fid.weights import params_from_torch_state_dict
+from diffdyn.fid.weights import seeded_state_dict
 from diffdyn.fid.weights import weights_hash
 
 __all__ = [
     "InceptionV3", "bilinear_matrix", "feature_stats", "frechet_distance", "inception_features",
     "kid", "load_inception", "load_stats", "mmd2_unbiased", "params_from_torch_state_dict",
-    "preprocess", "reference_stats", "resize_bilinear", "weights_hash",
+    "preprocess", "reference_stats", "resize_bilinear", "seeded_state_dict", "weights_hash",
 ]

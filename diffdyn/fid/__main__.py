@@ -67,6 +67,18 @@ def stats(args) -> None:
   print(f"wrote {args.dst} (mu, sigma of {len(images)} images)")
 
 
+def seeded(args) -> None:
+  from diffdyn.fid import weights  # pylint: disable=import-outside-toplevel
+  try:
+    with np.load(args.recipe) as f:
+      recipe = {k: f[k] for k in ("seed", "conv_gain", "shift_std", "names", "shapes")}
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{args.recipe} is not a weights recipe like tests/fixtures/fid_parity.npz "
+                    f"({e})") from None
+  weights.save_npz_state_dict(weights.seeded_state_dict(recipe), args.dst)
+  print(f"wrote {args.dst} (seeded stand-in weights; not for real FID numbers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _OneLineParser(prog="python -m diffdyn.fid", description=__doc__,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=500)
   p.add_argument("--precision", default=None, choices=["default", "high", "highest"])
   p.set_defaults(func=stats)
+  p = sub.add_parser("seeded", help="stand-in weights from a recipe, for tests and benchmarks")
+  p.add_argument("recipe", help="tests/fixtures/fid_parity.npz")
+  p.add_argument("dst", help="output .npz")
+  p.set_defaults(func=seeded)
   return parser
 
 

@@ -30,7 +30,8 @@ _UNUSED = ("fc.weight", "fc.bias")
 
 _FIX = ("set config.fid.inception_weights to a local copy of " + WEIGHTS_FILENAME +
         " (from " + WEIGHTS_URL + "), or to an .npz made from it with "
-        "`python -m diffdyn.fid convert IN.pth OUT.npz`")
+        "`python -m diffdyn.fid convert IN.pth OUT.npz`; or run without FID: "
+        "--config.fid.enabled=False")
 
 
 def default_cache_dir() -> str:
@@ -220,3 +221,34 @@ def load_inception(path: str | None = None, *, cache_dir: str | None = None,
   if not os.path.isfile(pth):
     download_weights(url, pth, WEIGHTS_SHA256_PREFIX)
   return params_from_torch_state_dict(read_state_dict(pth))
+
+
+def seeded_state_dict(recipe) -> dict:
+  """Seeded stand-in weights with pytorch-fid's key names, from a recipe (fid_parity.npz).
+
+  The recipe (seed, conv_gain, shift_std and the state_dict's names/shapes in order) is the
+  one shared/fixtures/make_fid_parity.py used to make the parity fixture. Tests check parity
+  with these weights; benchmarks time FID with them, since values do not change the cost.
+  """
+  rng = np.random.default_rng(int(recipe["seed"]))
+  gain, shift = float(recipe["conv_gain"]), float(recipe["shift_std"])
+  state_dict = {}
+  for name, shape_text in zip(recipe["names"], recipe["shapes"]):
+    name, shape = str(name), tuple(int(s) for s in str(shape_text).split(","))
+    if name.endswith("conv.weight"):
+      fan_in = shape[1] * shape[2] * shape[3]
+      a = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in) * gain
+    elif name.endswith("bn.weight"):
+      a = rng.uniform(0.6, 1.0, shape)
+    elif name.endswith(("bn.bias", "running_mean")):
+      a = rng.normal(0.0, shift, shape)
+    elif name.endswith("running_var"):
+      a = rng.uniform(0.6, 1.4, shape)
+    elif name == "fc.weight":
+      a = rng.standard_normal(shape) * 0.01
+    elif name == "fc.bias":
+      a = np.zeros(shape)
+    else:
+      raise KeyError(name)
+    state_dict[name] = a.astype(np.float32)
+  return state_dict
