@@ -18,6 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir even though its config differs.")
+_LOG_LEVEL = flags.DEFINE_enum(
+    "log_level", "info", ["debug", "info", "warning"],
+    "diffdyn's log level; debug also names each phase (train chunk, metric write, evaluation, "
+    "checkpoint) as it starts.")
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 3
@@ -70,16 +74,22 @@ def main(argv) -> None:
   config = parse_flags(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)   # orbax logs every file it writes
+  logging.getLogger("diffdyn").setLevel(_LOG_LEVEL.value.upper())
   from diffdyn import io, train  # pylint: disable=import-outside-toplevel
   from diffdyn.errors import RunFailed, UserError  # pylint: disable=import-outside-toplevel
   io.enable_compilation_cache()
+  from diffdyn import sweep  # pylint: disable=import-outside-toplevel
+  run = sweep.train_and_evaluate_sweep if sweep.is_sweep(config) else train.train_and_evaluate
   try:
-    final = train.train_and_evaluate(config, _WORKDIR.value,
-                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    final = run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except UserError as e:
     fail(str(e), EXIT_BAD_INPUT)
   except RunFailed as e:
     fail(str(e), EXIT_RUN_FAILED)
+  if final["step"] < config.train.total_steps:
+    logging.warning("preempted at step %d of %d; run the same command to resume", final["step"],
+                    config.train.total_steps)
+    return   # exit status 0: the stop was asked for, and nothing is lost
   shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in sorted(final.items()) if not k.startswith("train/loss_tbin"))
   logging.info("final metrics: %s", shown)

@@ -5,16 +5,20 @@ in ways that survive a process being killed at any point.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 
+from diffdyn.errors import RunFailed
 from diffdyn.errors import UserError
 
 log = logging.getLogger("diffdyn")
@@ -22,6 +26,34 @@ log = logging.getLogger("diffdyn")
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 TIMING_PREFIX = "time/"   # run-time measurements: not reproducible, excluded from comparisons
+CORRUPT_CHECKPOINTS_DIR = "corrupt_checkpoints"
+
+# errno values that mean "no room left": a full disk, a full quota, a file-size limit.
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How orbax/tensorstore word the same, in the message of a ValueError.
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+class DiskFull(RunFailed):
+  """A write failed for lack of space; the run stopped, and can resume once space is back."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+  if isinstance(error, OSError) and error.errno in _NO_SPACE_ERRNOS:
+    return True
+  return any(text in str(error) for text in _NO_SPACE_TEXT)
+
+
+@contextlib.contextmanager
+def reporting_disk_full(what: str) -> Iterator[None]:
+  """Turns a failed write for lack of space into one DiskFull line naming `what` and the fix."""
+  try:
+    yield
+  except Exception as e:  # orbax reports a full disk as a ValueError, Python as an OSError
+    if not is_disk_full(e):
+      raise
+    raise DiskFull(f"disk full while {what}; free some space and run the same command to "
+                   "resume from the latest checkpoint") from e
 
 
 def default_cache_dir() -> str:
@@ -63,11 +95,15 @@ def _to_python(value: Any) -> Any:
 
 def _atomic_write_text(path: str, text: str) -> None:
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):   # a failed write leaves no half-written file behind
+      os.remove(tmp)
 
 
 class JsonlWriter:
@@ -96,16 +132,19 @@ class JsonlWriter:
       except (ValueError, KeyError, TypeError):
         break
     if len(kept) != len(text.splitlines()) or not text.endswith("\n") and text:
-      _atomic_write_text(self.path, "".join(kept))
+      with reporting_disk_full(f"rewriting {self.path} for the resume at step {step}"):
+        _atomic_write_text(self.path, "".join(kept))
 
   def write(self, step: int, wall_time: float, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step), "wall_time": round(float(wall_time), 3)}
     record.update({k: _to_python(v) for k, v in scalars.items()})
     line = json.dumps(record, allow_nan=True) + "\n"
-    with open(self.path, "a") as f:
-      f.write(line)
-      f.flush()
-      os.fsync(f.fileno())
+    # A line cut short here is dropped by the next resume, with the rest of its step.
+    with reporting_disk_full(f"writing the metrics of step {step} to {self.path}"):
+      with open(self.path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class LoggingWriter:
@@ -154,19 +193,24 @@ class MetricWriter:
     return self._offset + time.monotonic() - self._start
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    log.debug("writing metrics at step %d: %s", step, ", ".join(scalars))
     scalars = {k: _to_python(v) for k, v in scalars.items()}
     self.jsonl.write(step, self.wall_time, scalars)
-    self.clu.write_scalars(step, {k: v for k, v in scalars.items()
-                                  if isinstance(v, (int, float)) and math.isfinite(v)})
+    with reporting_disk_full(f"writing the TensorBoard summaries of step {step}"):
+      self.clu.write_scalars(step, {k: v for k, v in scalars.items()
+                                    if isinstance(v, (int, float)) and math.isfinite(v)})
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-    self.clu.write_images(step, images)
+    with reporting_disk_full(f"writing the TensorBoard images of step {step}"):
+      self.clu.write_images(step, images)
 
   def flush(self) -> None:
-    self.clu.flush()
+    with reporting_disk_full("flushing the TensorBoard summaries"):
+      self.clu.flush()
 
   def close(self) -> None:
-    self.clu.close()
+    with reporting_disk_full("closing the TensorBoard summaries"):
+      self.clu.close()
 
 
 def image_grid(images_uint8: np.ndarray) -> np.ndarray:
@@ -184,29 +228,41 @@ def image_grid(images_uint8: np.ndarray) -> np.ndarray:
 def save_png(path: str, image_uint8: np.ndarray) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   tmp = f"{path}.tmp.{os.getpid()}.png"
-  Image.fromarray(image_uint8).save(tmp)
-  os.replace(tmp, path)
+  try:
+    with reporting_disk_full(f"writing {path}"):
+      Image.fromarray(image_uint8).save(tmp)
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def read_config_json(workdir: str) -> dict | None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}); restore it from the run's "
+                    "first launch, or use another --workdir") from None
 
 
 def write_config_json(workdir: str, config_dict: dict) -> None:
-  _atomic_write_text(os.path.join(workdir, CONFIG_FILE),
-                     json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+  path = os.path.join(workdir, CONFIG_FILE)
+  with reporting_disk_full(f"writing {path}"):
+    _atomic_write_text(path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
 
 class Checkpoints:
   """Orbax checkpoints of the train state plus a small JSON of run metadata.
 
   Saves are synchronous and orbax commits each by an atomic rename, so a kill leaves either
-  the new checkpoint or none; a latest checkpoint that still fails to restore (a damaged
-  disk, a file cut by a full disk) is skipped with a warning for the one before it.
+  the new checkpoint or none (plus a temporary directory, removed when the next run opens the
+  checkpoints). A latest checkpoint that still fails to restore (a damaged disk, a file cut by
+  a full disk) is moved aside into `corrupt_checkpoints/` with a warning, and the one before
+  it is used: the resumed run then saves that step afresh.
   """
 
   def __init__(self, directory: str, keep: int):
@@ -216,7 +272,8 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
 
   def steps(self) -> list[int]:
     self.manager.reload()
@@ -224,13 +281,19 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: Mapping[str, Any]) -> None:
     ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(dict(meta))),
-                      force=True)
-    self.manager.wait_until_finished()
+    log.debug("saving checkpoint at step %d", step)
+    with reporting_disk_full(f"saving the checkpoint of step {step} in {self.directory}"):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(dict(meta))),
+                        force=True)
+      self.manager.wait_until_finished()
+    log.debug("saved checkpoint at step %d", step)
 
   def restore_latest(self, template):
-    """(state, meta, step) from the newest checkpoint that restores, or None if there is none."""
+    """(state, meta, step) from the newest checkpoint that restores, or None if there is none.
+
+    `template` holds arrays or jax.ShapeDtypeStructs of the state's structure.
+    """
     ocp = self._ocp
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in reversed(self.steps()):
@@ -240,12 +303,31 @@ class Checkpoints:
                                           meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"]), step
       except Exception as e:  # orbax raises many types for a damaged checkpoint
-        log.warning("checkpoint at step %d in %s does not restore (%s: %s); falling back to the "
-                    "one before it", step, self.directory, type(e).__name__, str(e)[:200])
+        kept_at = self._move_aside(step)
+        log.warning("checkpoint at step %d in %s does not restore (%s: %s); moved it to %s and "
+                    "falling back to the one before it", step, self.directory, type(e).__name__,
+                    _one_line(str(e))[:200], kept_at)
     return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of orbax's directory, so that step can be saved again."""
+    parent = os.path.join(os.path.dirname(self.directory), CORRUPT_CHECKPOINTS_DIR)
+    os.makedirs(parent, exist_ok=True)
+    dest = os.path.join(parent, str(step))
+    suffix = 1
+    while os.path.exists(dest):
+      dest = os.path.join(parent, f"{step}.{suffix}")
+      suffix += 1
+    shutil.move(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
 
 
 class Progress:

@@ -67,9 +67,12 @@ SPLITS = ("auto", "replicas", "batch", "none")
 
 
 def is_sweep(config) -> bool:
-  """Whether `config` asks for replicates rather than one run."""
+  """Whether `config` asks for replicates rather than one run (validation comes later)."""
   s = config.sweep
-  return s.seeds > 1 or bool(s.seed_list) or any(s[key] for key in VARIANTS)
+  try:
+    return s.seeds > 1 or bool(s.seed_list) or any(s[key] for key in VARIANTS)
+  except TypeError:  # a malformed value: the run's validation names it
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +159,8 @@ def make_sweep_optimizer(train_config) -> optax.GradientTransformation:
   fields = ml_collections.ConfigDict(train_config).to_dict()
 
   def optimizer(learning_rate):
-    return train_lib.make_optimizer(types.SimpleNamespace(**dict(fields, learning_rate=learning_rate)))
+    return train_lib.make_optimizer(
+        types.SimpleNamespace(**dict(fields, learning_rate=learning_rate)))
 
   return optax.inject_hyperparams(optimizer)(learning_rate=train_config.learning_rate)
 
@@ -205,7 +209,8 @@ def get_replicate_step_fn(config, model, schedule, tx,
     batch = train_lib.draw_train_batch(state.rng, state.step, images, tc.batch_size, t_count,
                                        config.data.random_flip)
     if batch_sharding is not None:
-      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), batch)
+      split = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sharding)
+      batch = train_lib.Batch(split(batch.x0), split(batch.t), split(batch.noise))
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
     (loss, per_example), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
         state.params, batch, dropout_rng, hp.loss_weights)

@@ -6,6 +6,7 @@ checkpoint replays exactly the random numbers of an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -135,10 +136,11 @@ def _accumulate(sums: MetricSums, loss, per_example, t, num_timesteps, step, bad
                 bad_grad, skipped) -> MetricSums:
   bins = diffusion.timestep_bins(t, num_timesteps, NUM_LOSS_BINS)
   first_bad = jnp.logical_and(sums.first_bad_step < 0, bad_loss | bad_grad)
+  kept = 1 - skipped.astype(jnp.int32)   # a skipped step adds to no mean
   return MetricSums(
-      loss=sums.loss + loss, count=sums.count + 1,
+      loss=sums.loss + loss, count=sums.count + kept,
       tbin_loss=sums.tbin_loss.at[bins].add(per_example),
-      tbin_count=sums.tbin_count.at[bins].add(1),
+      tbin_count=sums.tbin_count.at[bins].add(kept),
       skipped=sums.skipped + skipped.astype(jnp.int32),
       first_bad_step=jnp.where(first_bad, step, sums.first_bad_step),
       bad_quantity=jnp.where(first_bad, jnp.where(bad_loss, 1, 2), sums.bad_quantity))
@@ -193,7 +195,8 @@ def get_train_scan_fn(train_step: Callable) -> Callable:
 def train_metrics(sums: MetricSums) -> dict[str, float]:
   """Host-side means of the sums: `train/loss` and the per-timestep-bin losses."""
   sums = jax.device_get(sums)
-  out = {"train/loss": float(sums.loss / max(int(sums.count), 1))}
+  count = int(sums.count)
+  out = {"train/loss": float(sums.loss / count) if count else float("nan")}
   for b in range(NUM_LOSS_BINS):
     n = int(sums.tbin_count[b])
     out[f"train/loss_tbin/{b}"] = float(sums.tbin_loss[b] / n) if n else float("nan")
@@ -318,12 +321,24 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   """Trains (or resumes) the run in `workdir` to `config.train.total_steps`; returns final metrics.
 
   `evaluators` replaces the default event handlers (curvature, samples/FID) by name; tests
-  and notebooks use it to add or stub out work at events.
+  and notebooks use it to add or stub out work at events. After a SIGTERM the run stops at the
+  end of the current chunk with a checkpoint there, and the returned "step" is short of
+  `total_steps`; running it again resumes.
   """
   config = config_lib.validate(config)
   check_resume_config(workdir, config, allow_config_change)
   if not jax.config.jax_compilation_cache_dir:
     io.enable_compilation_cache()
+  preempt = PreemptionFlag()
+  preempt.install()   # from here on, a SIGTERM during setup also ends the run cleanly
+  try:
+    return _train(config, workdir, evaluators, preempt)
+  finally:
+    preempt.uninstall()
+
+
+def _train(config, workdir: str, evaluators: dict | None, preempt: PreemptionFlag) -> dict:
+  """Sets the run up from `workdir` (restoring the latest checkpoint) and runs the event loop."""
   # Every input is checked before the workdir is touched, so bad input leaves nothing behind.
   handlers = default_evaluators(config) if evaluators is None else evaluators
   for handler in handlers.values():
@@ -333,68 +348,107 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   model = models.get_model(config.model, compute_dtype(config))
   schedule = make_schedule(config)
   tx = make_optimizer(config.train)
-  state = create_train_state(config, model, tx)
 
   io.write_config_json(workdir, config_to_dict(config))
   ckpts = io.Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  restored = ckpts.restore_latest(state)
-  meta = {"wall_time": 0.0}
-  if restored is not None:
-    state, meta, _ = restored
-    log.info("resumed %s at step %d", workdir, int(state.step))
-  step = int(state.step)
-  writer = io.MetricWriter(workdir, resume_step=step, wall_time_offset=meta["wall_time"])
-  context = RunContext(config=config, workdir=workdir, model=model, schedule=schedule,
-                       images=images, writer=writer)
-  for handler in handlers.values():
-    handler.start(context)
+  with _closed_after(ckpts.close):
+    state, meta = _initial_state(config, model, tx, ckpts, workdir)
+    writer = io.MetricWriter(workdir, resume_step=int(state.step),
+                             wall_time_offset=meta["wall_time"])
+    with _closed_after(writer.flush, writer.close):
+      context = RunContext(config=config, workdir=workdir, model=model, schedule=schedule,
+                           images=images, writer=writer)
+      for handler in handlers.values():
+        handler.start(context)
+      scans = CompiledScans(get_train_scan_fn(get_train_step_fn(config, model, schedule, tx)))
+      return _event_loop(config, state, images, scans, handlers, writer, ckpts, preempt)
 
-  scans = CompiledScans(get_train_scan_fn(get_train_step_fn(config, model, schedule, tx)))
+
+def _initial_state(config, model, tx, ckpts: io.Checkpoints, workdir: str):
+  """(state, meta) of the latest checkpoint that restores, else of a fresh run."""
+  init = functools.partial(create_train_state, config, model, tx)
+  if ckpts.steps():
+    # Shapes are all a restore needs; computing real initial parameters only to overwrite
+    # them would cost every resume seconds (tens on a CPU).
+    restored = ckpts.restore_latest(jax.eval_shape(init))
+    if restored is not None:
+      state, meta, step = restored
+      log.info("resumed %s at step %d", workdir, step)
+      return state, meta
+  # One compiled program, found in the compilation cache by later runs, instead of the
+  # hundreds of small dispatches of an eager init. Committed to the device like a restored
+  # state, so that fresh and resumed runs share their compiled train scans and evaluations.
+  return jax.device_put(jax.jit(init)(), jax.devices()[0]), {"wall_time": 0.0}
+
+
+def _event_loop(config, state: TrainState, images, scans: CompiledScans, handlers: dict,
+                writer: io.MetricWriter, ckpts: io.Checkpoints,
+                preempt: PreemptionFlag) -> dict:
+  """Scans to each event step, writes all of that step's metrics, then checkpoints it.
+
+  Writes come before the checkpoint, so a run killed between the two resumes from an earlier
+  checkpoint: the writer drops the step's partial lines and every evaluation is redone.
+  """
+  step = int(state.step)
   progress = io.Progress(config.train.total_steps)
-  preempt = PreemptionFlag()
-  preempt.install()
   final = {}
   run_start, run_steps, run_seconds = time.monotonic(), 0, 0.0
-  try:
-    while step < config.train.total_steps:
-      target = next_event_step(config, step)
-      chunk_start = time.monotonic()
-      compile_before = scans.compile_seconds
-      state = scans(state, images, target - step)
-      check_finite(state.sums)
-      run_seconds += time.monotonic() - chunk_start - (scans.compile_seconds - compile_before)
-      run_steps += target - step
-      step = target
-      steps_per_sec = run_steps / run_seconds if run_seconds > 0 else float("nan")
-      progress(step, steps_per_sec)
-      events = due_events(config, step)
-      if "log" in events:
-        scalars = train_metrics(state.sums)
-        scalars[io.TIMING_PREFIX + "steps_per_sec"] = steps_per_sec
-        scalars[io.TIMING_PREFIX + "compile_seconds"] = scans.compile_seconds
-        writer.write_scalars(step, scalars)
-        final.update(scalars)
-        state = state.replace(sums=MetricSums.zeros())
-      for name, handler in handlers.items():
-        if handler.due(events):
-          final.update(handler(state, step, events))
-      if "checkpoint" in events or preempt.requested:
-        writer.flush()
-        ckpts.save(step, state, {"wall_time": writer.wall_time})
-      if preempt.requested:
-        log.warning("SIGTERM: saved a checkpoint at step %d; run the same command to resume", step)
-        break
-  finally:
-    preempt.uninstall()
-    writer.flush()
-    writer.close()
-    ckpts.close()
+  while step < config.train.total_steps and not preempt.requested:
+    target = next_event_step(config, step)
+    log.debug("training steps %d to %d", step, target)
+    chunk_start = time.monotonic()
+    compile_before = scans.compile_seconds
+    state = scans(state, images, target - step)
+    check_finite(state.sums)
+    run_seconds += time.monotonic() - chunk_start - (scans.compile_seconds - compile_before)
+    run_steps += target - step
+    step = target
+    steps_per_sec = run_steps / run_seconds if run_seconds > 0 else float("nan")
+    progress(step, steps_per_sec)
+    events = due_events(config, step)
+    if "log" in events:
+      scalars = train_metrics(state.sums)
+      scalars[io.TIMING_PREFIX + "steps_per_sec"] = steps_per_sec
+      scalars[io.TIMING_PREFIX + "compile_seconds"] = scans.compile_seconds
+      writer.write_scalars(step, scalars)
+      final.update(scalars)
+      state = state.replace(sums=MetricSums.zeros())
+    for name, handler in handlers.items():
+      if handler.due(events):
+        log.debug("running %s at step %d", name, step)
+        final.update(handler(state, step, events))
+    if "checkpoint" in events or preempt.requested:
+      writer.flush()
+      ckpts.save(step, state, {"wall_time": writer.wall_time})
+  if preempt.requested:
+    log.warning("SIGTERM: stopped at step %d; run the same command to resume from the latest "
+                "checkpoint", step)
   log.info("done at step %d: %.1f s compiling, %.1f s running (%.1f steps/s) of %.1f s",
            step, scans.compile_seconds, run_seconds,
            run_steps / run_seconds if run_seconds else float("nan"),
            time.monotonic() - run_start)
   final["step"] = step
   return final
+
+
+@contextlib.contextmanager
+def _closed_after(*closers: Callable[[], None]):
+  """Calls `closers` when the block exits.
+
+  If the block raised, a closer's own failure (a flush on a full disk, say) is logged rather
+  than raised, so the error reported is the one that stopped the run.
+  """
+  try:
+    yield
+  except BaseException:
+    for close in closers:
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("while stopping: %s: %s", type(e).__name__, e)
+    raise
+  for close in closers:
+    close()
 
 
 def make_schedule(config) -> diffusion.Schedule:

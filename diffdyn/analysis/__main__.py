@@ -84,6 +84,10 @@ def _add_audit_parser(commands) -> None:
   aud.add_argument("--reference-stats", metavar="FILE",
                    help="the data's FID mu/sigma .npz (default: the run's, else computed)")
   aud.add_argument("--no-fid", action="store_true", help="skip FID even if weights are found")
+  aud.add_argument("--nfe", type=int, default=50, metavar="N",
+                   help="steps of the two DDPM-50 configurations (default: %(default)s)")
+  aud.add_argument("--ddim-nfe", type=int, default=20, metavar="N",
+                   help="steps of the DDIM-20 configuration (default: %(default)s)")
   aud.add_argument("--seed", type=int, default=0, metavar="S",
                    help="the noise shared by every configuration (default: %(default)s)")
 
@@ -91,13 +95,15 @@ def _add_audit_parser(commands) -> None:
 def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
   # Imported here: it brings in JAX, which `report` does not need.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from diffdyn import io  # pylint: disable=import-outside-toplevel
   from diffdyn.analysis import audit  # pylint: disable=import-outside-toplevel
+  io.enable_compilation_cache()  # as launch.py: a second audit of a config skips compiling
   command = "python -m diffdyn.analysis " + " ".join(shlex.quote(a) for a in argv)
   result = audit.run_audit(args.run, args.out, num_samples=args.num_samples,
                            batch_size=args.batch_size, seed=args.seed,
                            inception_weights=args.inception_weights,
                            reference_stats=args.reference_stats, use_fid=not args.no_fid,
-                           command=command)
+                           ddpm_nfe=args.nfe, ddim_nfe=args.ddim_nfe, command=command)
   for warning in result["warnings"]:
     print(f"warning: {warning}", file=sys.stderr)
   for line in audit.summary_lines(result):

@@ -35,6 +35,7 @@ directory (default RUN_DIR/audit).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -101,14 +102,16 @@ class Thresholds:
   levels_factor: float = 0.5
 
 
-def default_configurations(num_timesteps: int) -> tuple[SamplerConfig, ...]:
-  """DDPM-50 respaced and not, DDIM-20 and DDPM over all steps (each capped at T)."""
-  nfe50, nfe20 = min(50, num_timesteps), min(20, num_timesteps)
+def default_configurations(num_timesteps: int, ddpm_nfe: int = 50,
+                           ddim_nfe: int = 20) -> tuple[SamplerConfig, ...]:
+  """DDPM-50 respaced and not, DDIM-20 and DDPM over all T steps (NFEs capped at T)."""
+  ddpm_nfe, ddim_nfe = min(ddpm_nfe, num_timesteps), min(ddim_nfe, num_timesteps)
   return (
-      SamplerConfig("ddpm50_respaced", f"DDPM-{nfe50} respaced", "ddpm", nfe50, 1.0,
+      SamplerConfig("ddpm_respaced", f"DDPM-{ddpm_nfe} respaced", "ddpm", ddpm_nfe, 1.0,
                     "respaced"),
-      SamplerConfig("ddpm50_none", f"DDPM-{nfe50} respacing=none", "ddpm", nfe50, 1.0, "none"),
-      SamplerConfig("ddim20", f"DDIM-{nfe20} (eta=0)", "ddim", nfe20, 0.0, "respaced"),
+      SamplerConfig("ddpm_none", f"DDPM-{ddpm_nfe} respacing=none", "ddpm", ddpm_nfe, 1.0,
+                    "none"),
+      SamplerConfig("ddim", f"DDIM-{ddim_nfe} (eta=0)", "ddim", ddim_nfe, 0.0, "respaced"),
       SamplerConfig("ddpm_all", f"DDPM-{num_timesteps} (all steps)", "ddpm", num_timesteps,
                     1.0, "respaced"),
   )
@@ -251,51 +254,64 @@ def load_config(run_dir: pathlib.Path) -> tuple[ml_collections.ConfigDict, list[
   return config, warnings
 
 
-class _CollectWarnings(logging.Handler):
-  """Keeps the records io.Checkpoints logs while it falls back past a damaged checkpoint."""
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax's warnings (through absl's logger) off: it warns that read-only is read-only."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
-  def __init__(self):
-    super().__init__(logging.WARNING)
-    self.messages: list[str] = []
 
-  def emit(self, record):
-    self.messages.append(record.getMessage())
+def _restore_newest(directory: pathlib.Path,
+                    template) -> tuple[Any, int, list[int], list[tuple[int, str]]]:
+  """(state or None, its step, every step, (step, why) of newer ones), touching no file.
+
+  The restore io.Checkpoints does, on a read-only manager: io.Checkpoints cleans temporary
+  directories when it opens and moves a damaged checkpoint aside, and an audit must leave
+  the run as it found it.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                            meta=ocp.args.JsonRestore())
+  failures = []
+  with _quiet_absl():
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           enable_async_checkpointing=False)
+    with ocp.CheckpointManager(str(directory.resolve()), options=options) as manager:
+      steps = sorted(manager.all_steps())
+      for step in reversed(steps):
+        try:
+          return manager.restore(step, args=args)["state"], step, steps, failures
+        except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+          failures.append((step, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+  return None, -1, steps, failures
 
 
 def restore_ema_params(run_dir: pathlib.Path, config, model) -> tuple[Any, int, list[str]]:
   """(EMA params, step, warnings) of the newest checkpoint that restores."""
   directory = run_dir / CHECKPOINTS_DIR
-  # Checks first: io.Checkpoints would create a missing directory inside the run.
   if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
     raise AuditError(f"{directory}: no checkpoint; train the run first (python launch.py "
                      f"--config ... --workdir {run_dir}), or pass another run directory")
   tx = train_lib.make_optimizer(config.train)
   template = jax.eval_shape(lambda: train_lib.create_train_state(config, model, tx))
-  collector = _CollectWarnings()
-  logger = logging.getLogger("diffdyn")
-  logger.addHandler(collector)
-  try:
-    checkpoints = io.Checkpoints(str(directory), config.train.keep_checkpoints)
-    try:
-      steps = checkpoints.steps()
-      restored = checkpoints.restore_latest(template)
-    finally:
-      checkpoints.close()
-  finally:
-    logger.removeHandler(collector)
+  state, step, steps, failures = _restore_newest(directory, template)
   if not steps:
     raise AuditError(f"{directory}: no complete checkpoint; train the run first, or pass "
                      "another run directory")
-  if restored is None:
-    reason = collector.messages[0] if collector.messages else "unknown reason"
-    raise AuditError(f"{directory / str(steps[-1])}: the checkpoint does not restore, nor any "
-                     f"before it ({' '.join(reason.split())}); it is damaged or was written "
-                     "with another config; re-run the training to write a new one")
-  state, _, step = restored
-  warnings = [" ".join(m.split()) for m in collector.messages]
-  if step != steps[-1]:
-    warnings.append(f"the latest checkpoint (step {steps[-1]}) does not restore; audited the "
-                    f"one at step {step}")
+  if state is None:
+    earlier = {1: "", 2: ", nor does the one before it"}.get(
+        len(steps), f", nor do the {len(steps) - 1} before it")
+    raise AuditError(f"{directory / str(steps[-1])}: the checkpoint does not restore{earlier} "
+                     f"({failures[0][1]}); it is damaged or was written with another config; "
+                     "re-run the training to write a new one")
+  warnings = [f"the checkpoint at step {failed} does not restore ({why}); audited the one at "
+              f"step {step}" for failed, why in failures]
   return state.ema_params, step, warnings
 
 
@@ -386,7 +402,12 @@ def data_subset(images: np.ndarray, limit: int = MAX_DATA_IMAGES) -> np.ndarray:
   return images[np.linspace(0, images.shape[0] - 1, limit).round().astype(int)]
 
 
-def _check_counts(num_samples: int, batch_size: int | None, with_fid: bool) -> None:
+def _check_counts(num_samples: int, batch_size: int | None, with_fid: bool, ddpm_nfe: int,
+                  ddim_nfe: int) -> None:
+  for flag, nfe in (("--nfe", ddpm_nfe), ("--ddim-nfe", ddim_nfe)):
+    if nfe < 2:
+      raise AuditError(f"{flag} must be >= 2 (a linspace sampler keeps t=0 and t=T-1), got "
+                       f"{nfe}")
   if num_samples < 1:
     raise AuditError(f"--num-samples must be >= 1, got {num_samples}")
   if with_fid and num_samples < 2:
@@ -395,10 +416,62 @@ def _check_counts(num_samples: int, batch_size: int | None, with_fid: bool) -> N
     raise AuditError(f"--batch-size must be >= 1, got {batch_size}")
 
 
+@dataclasses.dataclass
+class _Inputs:
+  """Everything the audit reads from a run, checked before anything is sampled."""
+  config: Any
+  model: Any
+  ema_params: Any
+  step: int
+  data_images: np.ndarray
+  weights_path: str | None
+  stats_path: str | None
+  warnings: list[str]
+
+
+def _read_inputs(run_dir: pathlib.Path, inception_weights: str | None,
+                 reference_stats: str | None, use_fid: bool) -> _Inputs:
+  """The run's config, EMA parameters and data, and the FID files; cheap checks first."""
+  config, warnings = load_config(run_dir)
+  weights_path = find_inception_weights(inception_weights, config) if use_fid else None
+  stats_path = find_reference_stats(reference_stats, config) if weights_path else None
+  model = models.get_model(config.model, train_lib.compute_dtype(config))
+  ema_params, step, restore_warnings = restore_ema_params(run_dir, config, model)
+  return _Inputs(config, model, ema_params, step, data_lib.load_images(config.data),
+                 weights_path, stats_path, warnings + restore_warnings)
+
+
+def _sample_and_measure(sc: SamplerConfig, inputs: _Inputs, rng, num_samples: int,
+                        batch_size: int, data_stats: dict, thresholds: Thresholds,
+                        fid_fn) -> tuple[dict, np.ndarray]:
+  """(the configuration's row of audit.json, its samples)."""
+  start = time.monotonic()
+  sample_fn = evaluate.get_sample_fn(_audit_config(inputs.config), inputs.model,
+                                     train_lib.make_schedule(inputs.config),
+                                     sampler=sc.sampler, nfe=sc.nfe, eta=sc.eta,
+                                     batch_size=batch_size, respacing=sc.respacing)
+  images = evaluate.sample_images(sample_fn, inputs.ema_params, rng, num_samples, batch_size)
+  seconds = time.monotonic() - start
+  stats = pixel_stats(images)
+  row = dict(dataclasses.asdict(sc), stats=stats, relative=relative_stats(stats, data_stats),
+             symptoms=symptoms(stats, data_stats, thresholds),
+             fid=fid_fn(images) if fid_fn else None, grid=f"grid_{sc.name}.png",
+             sample_seconds=seconds)
+  return row, images
+
+
+def _run_eval(config) -> dict:
+  """The run's own FID sampler settings, for the report."""
+  e = config.eval
+  return dict(sampler=e.sampler, nfe=e.nfe, eta=e.eta, respacing=e.respacing,
+              variance=e.variance, clip_x0=e.clip_x0, spacing=e.spacing)
+
+
 def run_audit(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
               num_samples: int = 500, batch_size: int | None = None, seed: int = 0,
               inception_weights: str | None = None, reference_stats: str | None = None,
-              use_fid: bool = True, configurations: Sequence[SamplerConfig] | None = None,
+              use_fid: bool = True, ddpm_nfe: int = 50, ddim_nfe: int = 20,
+              configurations: Sequence[SamplerConfig] | None = None,
               thresholds: Thresholds = Thresholds(), command: str | None = None) -> dict:
   """Samples, measures and writes the audit of one run; returns what audit.json holds.
 
@@ -412,75 +485,61 @@ def run_audit(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
       else no FID.
     reference_stats: an .npz with the data's mu/sigma; default the run's, else computed.
     use_fid: False skips FID even when weights are found.
-    configurations: default `default_configurations(T)`.
+    ddpm_nfe: steps of the two DDPM-50 configurations (capped at T).
+    ddim_nfe: steps of the DDIM-20 configuration (capped at T).
+    configurations: replaces `default_configurations(T, ddpm_nfe, ddim_nfe)`.
     thresholds: where statistics become symptoms.
     command: the command line, for the report.
 
   Raises:
-    AuditError: an input cannot be used; nothing has been sampled yet.
+    errors.UserError: an input cannot be used (AuditError for the run's own files); raised
+      before anything is sampled or written.
   """
   run_dir = pathlib.Path(run_dir)
   out_dir = pathlib.Path(out_dir) if out_dir is not None else run_dir / AUDIT_DIR
-  config, warnings = load_config(run_dir)
-  _check_counts(num_samples, batch_size, use_fid)
-  weights_path = find_inception_weights(inception_weights, config) if use_fid else None
-  stats_path = find_reference_stats(reference_stats, config) if weights_path else None
-  model = models.get_model(config.model, train_lib.compute_dtype(config))
-  ema_params, step, restore_warnings = restore_ema_params(run_dir, config, model)
-  warnings += restore_warnings
-  data_images = data_lib.load_images(config.data)
+  _check_counts(num_samples, batch_size, use_fid, ddpm_nfe, ddim_nfe)
+  inputs = _read_inputs(run_dir, inception_weights, reference_stats, use_fid)
+  config = inputs.config
   out_dir.mkdir(parents=True, exist_ok=True)
-
   batch_size = batch_size or min(num_samples, config.eval.sample_batch_size)
-  configurations = tuple(configurations or
-                         default_configurations(config.diffusion.num_timesteps))
-  data_stats = pixel_stats(data_subset(data_images))
+  configurations = tuple(configurations or default_configurations(
+      config.diffusion.num_timesteps, ddpm_nfe, ddim_nfe))
+  data_stats = pixel_stats(data_subset(inputs.data_images))
   fid_fn = None
-  if weights_path:
-    fid_fn = _load_fid(weights_path, stats_path, config, data_images,
+  if inputs.weights_path:
+    fid_fn = _load_fid(inputs.weights_path, inputs.stats_path, config, inputs.data_images,
                        min(config.fid.batch_size, num_samples))
-  schedule = train_lib.make_schedule(config)
-  audit_config = _audit_config(config)
+  # One key for every configuration: the samplers draw x_T from it, so all start alike.
   rng = jax.random.PRNGKey(seed)
-  rows, grids = [], {}
+  rows, grids = [], {DATA: io.image_grid(inputs.data_images[:min(num_samples, GRID_IMAGES)])}
   for sc in configurations:
-    start = time.monotonic()
-    sample_fn = evaluate.get_sample_fn(audit_config, model, schedule, sampler=sc.sampler,
-                                       nfe=sc.nfe, eta=sc.eta, batch_size=batch_size,
-                                       respacing=sc.respacing)
-    images = evaluate.sample_images(sample_fn, ema_params, rng, num_samples, batch_size)
-    seconds = time.monotonic() - start
-    stats = pixel_stats(images)
-    row = dict(dataclasses.asdict(sc), stats=stats,
-               relative=relative_stats(stats, data_stats),
-               symptoms=symptoms(stats, data_stats, thresholds),
-               fid=fid_fn(images) if fid_fn else None,
-               grid=f"grid_{sc.name}.png", sample_seconds=seconds)
-    grids[sc.name] = io.image_grid(images[:GRID_IMAGES])
-    io.save_png(str(out_dir / row["grid"]), grids[sc.name])
+    row, images = _sample_and_measure(sc, inputs, rng, num_samples, batch_size, data_stats,
+                                      thresholds, fid_fn)
     rows.append(row)
-  grids[DATA] = io.image_grid(data_images[:min(num_samples, GRID_IMAGES)])
-  io.save_png(str(out_dir / f"grid_{DATA}.png"), grids[DATA])
-
+    grids[sc.name] = io.image_grid(images[:GRID_IMAGES])
   result = dict(
-      run_dir=str(run_dir), step=step, name=config.name,
+      run_dir=str(run_dir), step=inputs.step, name=config.name,
       num_timesteps=config.diffusion.num_timesteps, num_samples=num_samples,
-      batch_size=batch_size, seed=seed, fixed_eval=FIXED_EVAL,
-      run_eval=dict(sampler=config.eval.sampler, nfe=config.eval.nfe, eta=config.eval.eta,
-                    respacing=config.eval.respacing, variance=config.eval.variance,
-                    clip_x0=config.eval.clip_x0, spacing=config.eval.spacing),
-      fid=dict(weights=weights_path, reference_stats=stats_path or (
-          "computed from the run's data" if weights_path else None)),
+      batch_size=batch_size, seed=seed, fixed_eval=FIXED_EVAL, run_eval=_run_eval(config),
+      fid=dict(weights=inputs.weights_path, reference_stats=inputs.stats_path or (
+          "computed from the run's data" if inputs.weights_path else None)),
       thresholds=dataclasses.asdict(thresholds),
-      data=dict(stats=data_stats, num_images=int(min(len(data_images), MAX_DATA_IMAGES)),
+      data=dict(stats=data_stats, num_images=int(min(len(inputs.data_images), MAX_DATA_IMAGES)),
                 grid=f"grid_{DATA}.png"),
-      configurations=rows, verdict=verdict(rows), figure=FIGURE_FILE, warnings=warnings,
-      command=command)
+      configurations=rows, verdict=verdict(rows), figure=FIGURE_FILE,
+      warnings=inputs.warnings, command=command)
+  write_outputs(result, grids, out_dir)
+  return result
+
+
+def write_outputs(result: dict, grids: dict[str, np.ndarray], out_dir: pathlib.Path) -> None:
+  """The grids, the side-by-side figure, audit.md and audit.json."""
+  for name, grid in grids.items():
+    io.save_png(str(out_dir / f"grid_{name}.png"), grid)
   write_figure(result, grids, out_dir / FIGURE_FILE)
   (out_dir / REPORT_FILE).write_text(render_markdown(result), encoding="utf-8")
   (out_dir / JSON_FILE).write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False)
                                    + "\n", encoding="utf-8")
-  return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,8 +551,14 @@ def _names(rows: Sequence[dict]) -> str:
   return ", ".join(r["label"] for r in rows) or "none"
 
 
-def _shown(row: dict) -> str:
-  return f"{row['label']} ({', '.join(row['symptoms'])})"
+def _symptom_summary(full: Sequence[dict], some: Sequence[dict],
+                     clean: Sequence[dict]) -> str:
+  parts = [f"{_names(full)} reproduce{'s' if len(full) == 1 else ''} all three symptoms"
+           if full else "No configuration shows all three symptoms"]
+  parts += [f"{r['label']} shows {', '.join(r['symptoms'])}" for r in some]
+  if clean:
+    parts.append(f"{_names(clean)} show{'s' if len(clean) == 1 else ''} none")
+  return "; ".join(parts) + "."
 
 
 def verdict(rows: Sequence[dict]) -> dict:
@@ -506,19 +571,17 @@ def verdict(rows: Sequence[dict]) -> dict:
   bad_correct = [r for r in correct if r["symptoms"]]
   bad_ablation = [r for r in ablation if r["symptoms"]]
 
-  lines = [f"All three symptoms: {_names(full)}.",
-           f"Some: {', '.join(_shown(r) for r in some) or 'none'}.",
-           f"None: {_names(clean)}."]
+  lines = [_symptom_summary(full, some, clean)]
   if bad_ablation and correct and not bad_correct:
     answer = "yes"
     lines.append(
         "Only the sampler that strides the original betas without recomputing them "
-        "(respacing=\"none\") produces them; the respaced samplers on the same noise do not. "
+        "(respacing=\"none\") shows them; the respaced samplers on the same noise do not. "
         "Such a sampler treats each of its steps as one original step, so it removes one "
-        "step's worth of noise where it should remove many, and most of x_T's noise is "
-        "still in the sample when the last step clips it to [-1, 1]: speckle, saturation "
-        "and the few levels of clipped noise. If the seeds' harness samples this way, that "
-        "alone explains their grids and their FID; fix the sampler before reading FID.")
+        "step's worth of noise where it should remove many, and much of the noise is still "
+        "in the sample when the last step clips it to [-1, 1]. If the seeds' harness samples "
+        "this way, that alone explains their grids and their FID; fix the sampler before "
+        "reading FID.")
   elif correct and len(bad_correct) == len(correct):
     answer = "no"
     lines.append(
@@ -567,21 +630,24 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
   return format(x, fmt)
 
 
-def _title(label: str, stats: dict, relative: dict | None, fid: float | None) -> str:
-  line = f"sat {stats['saturated']:.1%}"
-  line += f", HF x{_num(relative['hf_ratio'], '.2g')}" if relative else (
-      f", HF {stats['hf_fraction']:.2f}")
-  if fid is not None:
-    line += f", FID {fid:.1f}"
-  return f"{label}\n{line}"
+def _title(label: str, stats: dict, relative: dict | None, found: Sequence[str] | None,
+           fid: float | None) -> str:
+  hf = f"HF {stats['hf_fraction']:.2f}"
+  if relative is not None:
+    hf += f" (x{_num(relative['hf_ratio'], '.2g')})"
+  numbers = f"sat {stats['saturated']:.1%}, {hf}" + (f", FID {fid:.1f}" if fid is not None
+                                                      else "")
+  if found is None:
+    return f"{label}\n{numbers}\n(training images)"
+  return f"{label}\n{numbers}\n{', '.join(found) or 'no symptoms'}"
 
 
 def write_figure(result: dict, grids: dict[str, np.ndarray], path: pathlib.Path) -> None:
   """The data's grid and every configuration's, side by side, with their key statistics."""
-  panels = [(_title("data", result["data"]["stats"], None, None), grids[DATA])]
-  panels += [(_title(r["label"], r["stats"], r["relative"], r["fid"]), grids[r["name"]])
-             for r in result["configurations"]]
-  fig = matplotlib.figure.Figure(figsize=(3.0 * len(panels), 3.6), dpi=130)
+  panels = [(_title("data", result["data"]["stats"], None, None, None), grids[DATA])]
+  panels += [(_title(r["label"], r["stats"], r["relative"], r["symptoms"], r["fid"]),
+              grids[r["name"]]) for r in result["configurations"]]
+  fig = matplotlib.figure.Figure(figsize=(2.8 * len(panels), 3.7), dpi=130)
   backend_agg.FigureCanvasAgg(fig)
   for i, (title, grid) in enumerate(panels):
     ax = fig.add_subplot(1, len(panels), i + 1)
@@ -590,7 +656,8 @@ def write_figure(result: dict, grids: dict[str, np.ndarray], path: pathlib.Path)
     ax.set_axis_off()
   fig.suptitle(f"{result['name']} at step {result['step']}: the same x_T through every "
                "sampler", fontsize=10)
-  fig.tight_layout()
+  # Leaves the top strip to the suptitle, which tight_layout would otherwise overlap.
+  fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.9))
   fig.savefig(path)
 
 

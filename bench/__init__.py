@@ -1,0 +1,1 @@
+"""GPU benchmarks of diffdyn against the PyTorch peers: `python bench/run.py --help`."""

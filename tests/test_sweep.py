@@ -1,0 +1,197 @@
+"""Sweeps: replicates of one vmapped program follow single runs, are runs of their own, resume
+exactly and run on several devices.
+
+Every sweep here shares one tiny config (8x8 images, a one-level width-8 UNet, 4 steps), so the
+train programs compile once per shape and the persistent cache serves the rest.
+"""
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import run_launch
+from diffdyn import sweep
+from diffdyn import train
+from diffdyn.analysis import runs as runs_lib
+from diffdyn.errors import UserError
+from experiments import smoke
+
+# The tiny run, as --config.* overrides of experiments/smoke.py (launch tests use them as flags).
+TINY = {
+    "data.image_size": 8, "model.image_size": 8, "data.synthetic_num_images": 64,
+    "model.channel_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+    "loss.weighting": "minsnr", "train.total_steps": 4, "train.log_every_steps": 2,
+    "train.checkpoint_every_steps": 2, "curvature.enabled": False, "curvature.every_steps": 2,
+    "curvature.num_probes": 2, "curvature.batch_size": 2, "curvature.objective": "train",
+    "eval.fid_every_steps": 4, "eval.grid_num_samples": 2, "eval.grid_nfe": 2,
+    "eval.sample_batch_size": 2,
+}
+# Replicate i of a sweep runs batched convolutions where the single run runs unbatched ones;
+# XLA may round those differently, so losses are held to float32 rounding over a few steps
+# (they come out bitwise equal on the CPU today).
+RTOL = 1e-5
+
+
+def tiny_config(**overrides):
+  config = smoke.get_config()
+  for key, value in {**TINY, **overrides}.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def tiny_flags(**overrides):
+  return ["--config", "experiments/smoke.py",
+          *(f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+            for k, v in {**TINY, **overrides}.items())]
+
+
+def read_metrics(run_dir):
+  """{step: {key: value}} of a run's metrics.jsonl, timing keys left out."""
+  rows = {}
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      record.pop("wall_time")
+      rows.setdefault(record.pop("step"), {}).update(
+          {k: v for k, v in record.items() if not k.startswith("time/")})
+  return rows
+
+
+def losses(run_dir):
+  rows = read_metrics(run_dir)
+  return np.array([rows[s]["train/loss"] for s in sorted(rows) if "train/loss" in rows[s]])
+
+
+class _Messages(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, cache_dir):
+  del cache_dir
+  workdir = str(tmp_path_factory.mktemp("single"))
+  train.train_and_evaluate(tiny_config(), workdir, evaluators={})
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory, cache_dir):
+  """Two seeds with curvature and sample grids: the sweep every per-replicate check reads."""
+  del cache_dir
+  workdir = str(tmp_path_factory.mktemp("seeds"))
+  handler = _Messages()
+  logging.getLogger("diffdyn").addHandler(handler)
+  previous = logging.getLogger("diffdyn").level
+  logging.getLogger("diffdyn").setLevel(logging.INFO)
+  try:
+    sweep.train_and_evaluate_sweep(
+        tiny_config(**{"sweep.seeds": 2, "curvature.enabled": True}), workdir)
+  finally:
+    logging.getLogger("diffdyn").removeHandler(handler)
+    logging.getLogger("diffdyn").setLevel(previous)
+  return workdir, handler.messages
+
+
+def test_replicates_are_the_grid_of_seeds_and_variants():
+  config = tiny_config(**{"sweep.seeds": 2, "sweep.minsnr_gamma": (1.0, 5.0),
+                          "sweep.loss_weighting": ("constant", "minsnr")})
+  assert sweep.is_sweep(config) and not sweep.is_sweep(tiny_config())
+  reps = sweep.replicates(config)
+  assert [r.name for r in reps] == [
+      f"smoke_{w}_gamma{g}_seed{s}" for w in ("constant", "minsnr") for g in (1, 5)
+      for s in (1077, 1078)]
+  last = reps[-1].config
+  assert (last.seed, last.loss.weighting, last.loss.minsnr_gamma) == (1078, "minsnr", 5.0)
+  assert last.name == "smoke_minsnr_gamma5" and last.sweep.seeds == 1
+  assert not any(last.sweep[key] for key in sweep.VARIANTS) and not last.sweep.seed_list
+  listed = sweep.replicates(tiny_config(**{"sweep.seed_list": (7, 3)}))
+  assert [r.config.seed for r in listed] == [7, 3]
+  with pytest.raises(UserError, match="sweep.seeds"):
+    sweep.replicates(tiny_config(**{"sweep.seed_list": (7, 3), "sweep.seeds": 3}))
+
+
+def test_variants_enter_the_program_as_arrays():
+  config = tiny_config(**{"sweep.learning_rate": (1e-4, 3e-4), "sweep.ema_decay": (0.9, 0.999)})
+  configs = [r.config for r in sweep.replicates(config)]
+  model = train.models.get_model(config.model)
+  tx = sweep.make_sweep_optimizer(config.train)
+  placement = sweep.plan_placement(len(configs), 4, jax.devices()[:1])
+  state = sweep.init_states(configs, model, tx, placement.per_replicate)
+  np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"],
+                             [1e-4, 1e-4, 3e-4, 3e-4], rtol=1e-6)
+  hyperparams = sweep.stacked_hyperparams(configs, train.make_schedule(config))
+  np.testing.assert_allclose(hyperparams.ema_new, [0.1, 0.001, 0.1, 0.001], rtol=1e-6)
+  assert hyperparams.loss_weights.shape == (4, config.diffusion.num_timesteps)
+  # Every replicate has seed 1077 here: the vmapped init equals the single run's, bitwise.
+  single = train.create_train_state(configs[0], model, train.make_optimizer(config.train))
+  for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.broadcast_to(a, b.shape), b)
+
+
+def test_replicate_follows_the_single_run_and_seeds_differ(single_run, seed_sweep):
+  workdir, _ = seed_sweep
+  first = losses(os.path.join(workdir, "smoke_seed1077"))
+  np.testing.assert_allclose(first, losses(single_run), rtol=RTOL)
+  assert not np.allclose(losses(os.path.join(workdir, "smoke_seed1078")), first)
+
+
+def test_each_replicate_is_a_run_of_its_own(seed_sweep):
+  workdir, messages = seed_sweep
+  runs = [runs_lib.load_run(os.path.join(workdir, f"smoke_seed{s}")) for s in (1077, 1078)]
+  assert [r.seed for r in runs] == [1077, 1078]
+  assert all(r.config["sweep"]["seeds"] == 1 and r.config["name"] == "smoke" for r in runs)
+  groups = runs_lib.group_replicates(runs)
+  assert len(groups) == 1 and groups[0].size == 2
+  traces = [r.series("curvature/hutch_trace_mean") for r in runs]
+  assert all(list(steps) == [2, 4] for steps, _ in traces)
+  assert not np.allclose(traces[0][1], traces[1][1])
+  for run in runs:
+    assert [p.name for p in run.sample_grids()] == ["step_000004.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["sweep"]["seeds"] == 2
+  # One compiled curvature measurement serves both replicates (they share the loss weights).
+  assert sum("compiled the curvature probe" in m for m in messages) == 1
+
+
+def test_a_resumed_sweep_continues_exactly(seed_sweep, tmp_path):
+  straight, _ = seed_sweep
+  workdir = str(tmp_path / "resumed")
+  overrides = {"sweep.seeds": 2, "curvature.enabled": True}
+  sweep.train_and_evaluate_sweep(tiny_config(**overrides, **{"train.total_steps": 2}), workdir)
+  sweep.train_and_evaluate_sweep(tiny_config(**overrides), workdir)
+  for name in ("smoke_seed1077", "smoke_seed1078"):
+    assert read_metrics(os.path.join(workdir, name)) == read_metrics(
+        os.path.join(straight, name)), name
+
+
+def test_a_gamma_variant_changes_the_weights_only(single_run, tmp_path):
+  workdir = str(tmp_path / "gamma")
+  sweep.train_and_evaluate_sweep(tiny_config(**{"sweep.minsnr_gamma": (1.0, 5.0)}), workdir)
+  same = os.path.join(workdir, "smoke_gamma5_seed1077")
+  other = os.path.join(workdir, "smoke_gamma1_seed1077")
+  np.testing.assert_allclose(losses(same), losses(single_run), rtol=RTOL)
+  assert not np.allclose(losses(other), losses(single_run))
+  assert runs_lib.load_run(other).config["loss"]["minsnr_gamma"] == 1.0
+
+
+@pytest.mark.parametrize("seeds, split", [(4, "replicas"), (2, "batch")])
+def test_four_devices_match_one(seeds, split, seed_sweep, tmp_path, cache_dir, monkeypatch):
+  # Four CPU devices exist only if XLA is told before it starts: hence launch.py in a process.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  workdir = str(tmp_path / split)
+  proc = run_launch([*tiny_flags(**{"sweep.seeds": seeds}), f"--workdir={workdir}"], cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"on 4 devices (split: {split})" in proc.stderr
+  one_device, _ = seed_sweep
+  for name in ("smoke_seed1077", "smoke_seed1078"):
+    np.testing.assert_allclose(losses(os.path.join(workdir, name)),
+                               losses(os.path.join(one_device, name)), rtol=RTOL)
