@@ -55,6 +55,7 @@ class Settings:
   nfe: int = 50
   fid_batch: int = 500
   fid_batches: int = 4
+  precisions: tuple[str, ...] = ("fp32", "bf16")
 
 
 def e6_config(num_images: int = 50_000) -> ml_collections.ConfigDict:
@@ -77,7 +78,8 @@ def smoke_settings(config=None) -> Settings:
     config = smoke.get_config()
     config.loss.weighting = "minsnr"
   return Settings(config=config, warmup=1, repeats=2, dispatches=2, scan_length=2, replicates=2,
-                  probes=2, probe_batch=2, sample_batch=2, nfe=2, fid_batch=2, fid_batches=1)
+                  probes=2, probe_batch=2, sample_batch=2, nfe=2, fid_batch=2, fid_batches=1,
+                  precisions=("fp32",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def bench_train(s: Settings, precision: str) -> tuple[list[Figure], dict[str, An
     jax.block_until_ready(state[0])
 
   per_scan = median_seconds(dispatch_scan, s.warmup, s.repeats)
-  figures.append(Figure(f"train_scan{k}_{precision}", k / per_scan, "steps/s", compile_s,
+  figures.append(Figure(f"train_scan_{precision}", k / per_scan, "steps/s", compile_s,
                         1e3 * per_scan, _mb(scan), f"{k} steps per dispatch, as the loop runs"))
   return figures, analyse_step(config, step, scan)
 
@@ -184,8 +186,8 @@ def bench_replicates(s: Settings, one_run_steps_per_s: float) -> Figure:
 
   per_scan = median_seconds(dispatch_scan, s.warmup, s.repeats)
   cost_ratio = per_scan / (k / one_run_steps_per_s)
-  return Figure(f"replicates{s.replicates}_scan{k}", cost_ratio, "x one run's wall time",
-                compile_s, 1e3 * per_scan, _mb(scan),
+  return Figure("replicates", cost_ratio, "x one run's wall time", compile_s, 1e3 * per_scan,
+                _mb(scan), f"{s.replicates} replicates, {k} steps per dispatch: "
                 f"{s.replicates * k / per_scan:.0f} replicate-steps/s")
 
 
@@ -199,10 +201,8 @@ def bench_hutchinson(s: Settings, step_ms: float) -> list[Figure]:
   per_example = train.get_per_example_loss_fn(config, model32, schedule)
   weights = train.loss_weights(config, schedule)
   keys = train.stream_keys(config.seed)
-  shapes = [(f"hutch{s.probes}_b{s.probe_batch}", s.probe_batch, "train")]
-  if not (config.curvature.batch_size == s.probe_batch and config.curvature.objective == "train"):
-    shapes.append((f"hutch{s.probes}_e6_b{config.curvature.batch_size}",
-                   config.curvature.batch_size, config.curvature.objective))
+  shapes = [("hutchinson", s.probe_batch, "train"),
+            ("hutchinson_e6", config.curvature.batch_size, config.curvature.objective)]
   figures = []
   for name, batch_size, objective in shapes:
     fn = curvature.get_curvature_fn(lambda p, x0, t, n: per_example(p, x0, t, n), weights,
@@ -215,7 +215,8 @@ def bench_hutchinson(s: Settings, step_ms: float) -> list[Figure]:
         lambda: jax.block_until_ready(measure(params, probe_batch, keys["curvature"])),
         s.warmup, s.repeats)
     figures.append(Figure(name, 1e3 * seconds, "ms/measurement", compile_s, 1e3 * seconds,
-                          _mb(measure), f"objective {objective}, batch {batch_size}"))
+                          _mb(measure), f"{s.probes} probes, batch {batch_size}, "
+                          f"objective {objective}"))
     figures.append(Figure(f"{name}_over_step", 1e3 * seconds / step_ms, "x one train step",
                           note="one train step: the fp32 scan's time per step"))
   return figures
@@ -262,8 +263,8 @@ def bench_sampling(s: Settings, precision: str) -> Figure:
   sample, compile_s = compile_ahead(sample_fn, params, key)
   seconds = median_seconds(lambda: jax.block_until_ready(sample(params, key)), s.warmup,
                            s.repeats)
-  return Figure(f"sample_ddpm{s.nfe}_b{s.sample_batch}_{precision}", s.sample_batch / seconds,
-                "images/s", compile_s, 1e3 * seconds, _mb(sample))
+  return Figure(f"sampling_{precision}", s.sample_batch / seconds, "images/s", compile_s,
+                1e3 * seconds, _mb(sample), f"DDPM-{s.nfe}, batch {s.sample_batch}")
 
 
 def analyse_step(config, step, scan) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def run_diffdyn(settings, parts: set[str]) -> tuple[list[dict], dict]:
   figures, analysis = [], {}
   scan_rate, step_ms = None, None
   if parts & {"train", "replicates", "hutchinson"}:
-    for precision in ("fp32", "bf16"):
+    for precision in settings.precisions:
       train_figures, step_analysis = measure.bench_train(settings, precision)
       figures += train_figures
       analysis[precision] = step_analysis
@@ -157,7 +157,7 @@ def run_diffdyn(settings, parts: set[str]) -> tuple[list[dict], dict]:
   if "inception" in parts:
     figures += measure.bench_inception(settings)
   if "sampling" in parts:
-    figures += [measure.bench_sampling(settings, p) for p in ("fp32", "bf16")]
+    figures += [measure.bench_sampling(settings, p) for p in settings.precisions]
   analysis["process_peak_mb"] = measure.process_peak_mb()
   return [dataclasses.asdict(f) for f in figures], analysis
 
@@ -191,31 +191,33 @@ def _at_least(times: float) -> Callable[[dict, dict | None], bool | None]:
 
 def comparisons() -> list[Comparison]:
   return [
-      Comparison("train, unet_cifar32 b4, scan of 100 (fp32) vs eager AMP", "train_scan100_fp32",
+      Comparison("train steps/s, scan (fp32) vs the eager peer (AMP)", "train_scan_fp32",
                  ("torch_train_bc32_b4_eager",), ">= 300 steps/s and >= 20x",
                  lambda o, p: o["value"] >= 300 and (p is None or _speedup(o, p) >= 20)),
-      Comparison("train, scan of 100 (fp32) vs torch.compile AMP", "train_scan100_fp32",
+      Comparison("train steps/s, scan (fp32) vs torch.compile (AMP)", "train_scan_fp32",
                  ("torch_train_bc32_b4_reduce-overhead", "torch_train_bc32_b4_default"), ">= 6x",
                  _at_least(6)),
-      Comparison("train, scan of 100 (bf16) vs eager AMP", "train_scan100_bf16",
+      Comparison("train steps/s, scan (bf16) vs the eager peer (AMP)", "train_scan_bf16",
                  ("torch_train_bc32_b4_eager",)),
-      Comparison("train, one step per dispatch (fp32)", "train_step_fp32",
+      Comparison("train steps/s, one step per dispatch (fp32)", "train_step_fp32",
                  ("torch_train_bc32_b4_eager",)),
-      Comparison("8 replicates in one program (fp32), wall time", "replicates8_scan100", (),
-                 "<= 2x one run", lambda o, p: o["value"] <= 2),
-      Comparison("Hutchinson, 16 probes, batch 4", "hutch16_b4", ("torch_hutch16_bc32_b4",)),
-      Comparison("Hutchinson, 16 probes, batch 4, in train steps", "hutch16_b4_over_step",
-                 ("torch_hutch16_over_step_bc32",), "<= 3x one train step",
-                 lambda o, p: o["value"] <= 3, speedup=False),
-      Comparison("Hutchinson, 16 probes, E6 probe batch", "hutch16_e6_b32"),
-      Comparison("Inception pool3 features (default precision)", "inception_default",
-                 ("torch_pytorchfid_inception_fp32",), ">= 3x", _at_least(3)),
-      Comparison("Inception pool3 features (precision highest)", "inception_highest",
+      Comparison("train steps/s, one step per dispatch (bf16)", "train_step_bf16",
+                 ("torch_train_bc32_b4_eager",)),
+      Comparison("replicates in one program, wall time", "replicates", (), "<= 2x one run",
+                 lambda o, p: o["value"] <= 2),
+      Comparison("Hutchinson measurement, peer's shape", "hutchinson", ("torch_hutch16_bc32_b4",)),
+      Comparison("Hutchinson measurement in train steps", "hutchinson_over_step",
+                 ("torch_hutch16_over_step_bc32",), "<= 3x", lambda o, p: o["value"] <= 3,
+                 speedup=False),
+      Comparison("Hutchinson measurement, E6's shape", "hutchinson_e6"),
+      Comparison("Inception features (default precision)", "inception_default",
+                 ("torch_pytorchfid_inception_fp32",), ">= 3x, at parity", _at_least(3)),
+      Comparison("Inception features (precision highest)", "inception_highest",
                  ("torch_pytorchfid_inception_fp32",)),
-      Comparison("DDPM-50 sampling, batch 1000 (bf16)", "sample_ddpm50_b1000_bf16",
+      Comparison("DDPM sampling (bf16)", "sampling_bf16",
                  ("torch_ddpm50_sample_bc32_b1000_fp16",), ">= 10x", _at_least(10)),
-      Comparison("DDPM-50 sampling, batch 1000 (fp32)", "sample_ddpm50_b1000_fp32",
-                 ("torch_ddpm50_sample_bc32_b1000_fp16",)),
+      Comparison("DDPM sampling (fp32)", "sampling_fp32",
+                 ("torch_ddpm50_sample_bc32_b1000_fp16",), ">= 10x", _at_least(10)),
       Comparison("E6 end to end, compile included", "e2e_e6", (), "<= 120 s",
                  lambda o, p: o["value"] <= 120),
   ]
@@ -238,8 +240,8 @@ def table_rows(figures: list[dict], peers: list[dict], device: str, date: str,
   ours = {f["name"]: f for f in figures}
   theirs = {p["name"]: p for p in peers if p.get("value")}
   rows = ["| figure | diffdyn | peer | diffdyn / peer | target | met | compile s | "
-          "steady ms | program MiB | device | date |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "steady ms | program MiB | how | device | date |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in comparisons():
     if c.ours not in ours:
       continue
@@ -258,7 +260,7 @@ def table_rows(figures: list[dict], peers: list[dict], device: str, date: str,
     peer_text = f"{_fmt(peer['value'])} {peer['unit']} ({peer['name']})" if peer else ""
     rows.append(f"| {c.label} | {_fmt(o['value'])} {o['unit']} | {peer_text} | {ratio} | "
                 f"{c.target} | {met_text} | {_fmt(o['compile_s'])} | {_fmt(o['steady_ms'])} | "
-                f"{_fmt(o['memory_mb'])} | {device} | {date} |")
+                f"{_fmt(o['memory_mb'])} | {o['note']} | {device} | {date} |")
   return rows
 
 

@@ -128,10 +128,10 @@ def _hutchpp_probes(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes:
     value is unbiased for tr(H) and the spread of the values is the estimator's own noise.
     sketch_sq_norms[i] = ||H s_i||^2, shape (k,), unbiased for tr(H^2).
   """
-  _, unravel = ravel_pytree(params)
+  flat_params, unravel = ravel_pytree(params)
 
   def flat_probe(key):
-    return ravel_pytree(_rademacher_like(key, params))[0]
+    return jax.random.rademacher(key, flat_params.shape, flat_params.dtype)
 
   def flat_hvp(x):
     return ravel_pytree(hvp(loss_fn, params, unravel(x)))[0]
