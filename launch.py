@@ -42,11 +42,13 @@ def parse_flags(argv):
     config.to_dict()         # a file that failed to load gives a stand-in that raises here
   except flags.Error as e:
     fail(_last_line(str(e)), EXIT_BAD_INPUT)
-  except (KeyError, AttributeError) as e:   # how ml_collections reports an unknown key
-    key = str(e).strip("\"' ")
-    given = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
-    fail(f"unknown config key {key!r} in {given[0] if given else 'a --config.* override'}; "
-         "the keys are those of experiments/base.py", EXIT_BAD_INPUT)
+  except AttributeError as e:
+    if "get_config" in str(e):   # the module loaded, but holds no get_config
+      fail(f"--config {_config_path(argv)} defines no get_config(); point --config at a python "
+           "file that defines get_config()", EXIT_BAD_INPUT)
+    _fail_unknown_key(e, argv)
+  except KeyError as e:   # with AttributeError, how ml_collections reports an unknown key
+    _fail_unknown_key(e, argv)
   except Exception as e:  # pylint: disable=broad-except
     fail(f"--config could not be loaded: {_last_line(str(e))}; point --config at a python file "
          "that defines get_config()", EXIT_BAD_INPUT)
@@ -54,6 +56,22 @@ def parse_flags(argv):
     fail("--workdir is required: the directory for this run's checkpoints and metrics",
          EXIT_BAD_INPUT)
   return config
+
+
+def _config_path(argv) -> str:
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return "file"
+
+
+def _fail_unknown_key(error: LookupError | AttributeError, argv) -> None:
+  key = str(error).strip("\"' ")
+  given = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+  fail(f"unknown config key {key!r} in {given[0] if given else 'a --config.* override'}; "
+       "the keys are those of experiments/base.py", EXIT_BAD_INPUT)
 
 
 def _last_line(text: str) -> str:

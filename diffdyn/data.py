@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def load_npz(path: str) -> np.ndarray:
           return _as_nhwc_uint8(f[key], path)
       raise UserError(f"{path}: no 'images' array inside (found {', '.join(f.files)}); "
                       "save the uint8 NHWC images under the key 'images'")
-  except (OSError, ValueError, EOFError) as e:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise UserError(f"{path}: not a readable .npz ({e}); {_LOCAL_HINT}") from None
 
 

@@ -169,7 +169,9 @@ def _fmt(v) -> str:
   return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def make_clu_writer(workdir: str):
+def make_clu_writer(workdir: str, tensorboard: bool = True):
+  if not tensorboard:
+    return LoggingWriter()
   try:
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -181,9 +183,10 @@ def make_clu_writer(workdir: str):
 class MetricWriter:
   """The run's writers: CLU (TensorBoard + logging where available) and metrics.jsonl."""
 
-  def __init__(self, workdir: str, resume_step: int, wall_time_offset: float, clu_writer=None):
+  def __init__(self, workdir: str, resume_step: int, wall_time_offset: float, *,
+               tensorboard: bool = True, clu_writer=None):
     self.jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step)
-    self.clu = clu_writer if clu_writer is not None else make_clu_writer(workdir)
+    self.clu = clu_writer if clu_writer is not None else make_clu_writer(workdir, tensorboard)
     self._start = time.monotonic()
     self._offset = wall_time_offset
 
@@ -331,16 +334,18 @@ def _one_line(text: str) -> str:
 
 
 class Progress:
-  """Logs step, steps/s and ETA; uses CLU's ReportProgress where CLU is importable."""
+  """Logs step, steps/s and ETA; through CLU's ReportProgress if `use_clu` and CLU imports."""
 
-  def __init__(self, total_steps: int, every_secs: float = 30.0):
+  def __init__(self, total_steps: int, every_secs: float = 30.0, use_clu: bool = True):
     self.total_steps = total_steps
-    try:
-      from clu import periodic_actions  # pylint: disable=import-outside-toplevel
-      self._clu = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                                  every_secs=every_secs)
-    except ImportError:
-      self._clu = None
+    self._clu = None
+    if use_clu:
+      try:
+        from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+        self._clu = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                                    every_secs=every_secs)
+      except ImportError:
+        pass
     self._every = every_secs
     self._last = None
 

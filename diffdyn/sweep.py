@@ -432,7 +432,8 @@ def train_and_evaluate_sweep(config, workdir: str, *, allow_config_change: bool 
   step = int(fetch(state.step)[0])
   if restored is not None:
     log.info("resumed the sweep in %s at step %d", workdir, step)
-  writers = [io.MetricWriter(d, resume_step=step, wall_time_offset=meta["wall_time"]) if writes
+  writers = [io.MetricWriter(d, resume_step=step, wall_time_offset=meta["wall_time"],
+                             tensorboard=config.train.tensorboard) if writes
              else _SilentWriter(meta["wall_time"]) for d in run_dirs]
   handlers = []
   for i, (r, run_dir, writer) in enumerate(zip(reps, run_dirs, writers)):
@@ -443,7 +444,7 @@ def train_and_evaluate_sweep(config, workdir: str, *, allow_config_change: bool 
   step_fn = get_replicate_step_fn(config, model, schedule, tx, placement.batch)
   scans = train_lib.CompiledScans(get_sweep_scan_fn(step_fn, placement.per_replicate))
   take_replicate = _take_replicate_fn(placement.replicated)
-  progress = io.Progress(config.train.total_steps)
+  progress = io.Progress(config.train.total_steps, use_clu=config.train.tensorboard)
   preempt = train_lib.PreemptionFlag()
   preempt.install()
   final = [{} for _ in reps]

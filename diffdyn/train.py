@@ -249,7 +249,7 @@ def config_to_dict(config) -> dict:
 
 
 # Keys that may change between a run and its resume without --allow_config_change.
-RESUMABLE_CHANGES = ("train.total_steps",)
+RESUMABLE_CHANGES = ("train.total_steps", "train.tensorboard")   # neither changes a number
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -354,7 +354,8 @@ def _train(config, workdir: str, evaluators: dict | None, preempt: PreemptionFla
   with _closed_after(ckpts.close):
     state, meta = _initial_state(config, model, tx, ckpts, workdir)
     writer = io.MetricWriter(workdir, resume_step=int(state.step),
-                             wall_time_offset=meta["wall_time"])
+                             wall_time_offset=meta["wall_time"],
+                             tensorboard=config.train.tensorboard)
     with _closed_after(writer.flush, writer.close):
       context = RunContext(config=config, workdir=workdir, model=model, schedule=schedule,
                            images=images, writer=writer)
@@ -390,7 +391,7 @@ def _event_loop(config, state: TrainState, images, scans: CompiledScans, handler
   checkpoint: the writer drops the step's partial lines and every evaluation is redone.
   """
   step = int(state.step)
-  progress = io.Progress(config.train.total_steps)
+  progress = io.Progress(config.train.total_steps, use_clu=config.train.tensorboard)
   final = {}
   run_start, run_steps, run_seconds = time.monotonic(), 0, 0.0
   while step < config.train.total_steps and not preempt.requested:

@@ -18,6 +18,7 @@ import os
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,14 @@ from diffdyn import train
 from diffdyn.fid import weights as fid_weights
 from experiments import smoke
 
-SMOKE = ["--config", "experiments/smoke.py"]
+# The smoke config shrunk to 8x8 images and a one-level UNet, without TensorBoard: each of the
+# suite's ~40 launches traces and loads every program anew (a smaller network makes that
+# cheaper) and would import TensorFlow (seconds). No fault path depends on the network's shape,
+# and the metrics of record are metrics.jsonl's.
+TINY = {"data.image_size": 8, "model.image_size": 8, "model.channel_mult": (1,),
+        "model.attn_resolutions": (8,), "train.tensorboard": False}
+SMOKE = ["--config", "experiments/smoke.py",
+         *(f"--config.{key}={value}".replace(" ", "") for key, value in TINY.items())]
 LAUNCH_TIMEOUT = 600
 
 
@@ -253,7 +261,9 @@ INTERRUPTIONS = [
     # Anywhere in the seconds between the first chunk and the first checkpoint.
     Interruption("a random time", line=r"training steps 0 to 10", max_delay=3.0),
     Interruption("a checkpoint save", line=r"saving checkpoint at step 20", max_delay=0.05),
-    Interruption("preemption", line=r"training steps 20 to 30", max_delay=0.3,
+    # SIGTERM while a launch loads its curvature program (seconds, the first time in a process),
+    # at step 10 or 30 by where the last kill left the checkpoints.
+    Interruption("preemption", line=r"running curvature at step", max_delay=0.5,
                  signal=signal.SIGTERM),
     Interruption("the train scan", line=r"training steps 30 to 40", max_delay=0.5),
     Interruption("a metrics write", line=r"writing metrics at step 40", max_delay=0.01),
@@ -274,12 +284,15 @@ def test_killed_anywhere_the_same_command_finishes_the_same_run(reference_run, t
   for interruption in INTERRUPTIONS:
     rc, stderr = launch_and_interrupt(args, cache_dir, workdir, interruption, rng)
     if interruption.signal == signal.SIGTERM:
-      # Preemption: the chunk in flight ends at step 30, whose metrics and checkpoint are
-      # written before a clean exit.
+      # Preemption: the step in flight finishes its evaluations, and its metrics and a
+      # checkpoint are written before a clean exit.
       assert rc == 0, stderr[-3000:]
-      assert "preempted at step 30 of 40" in stderr, stderr[-3000:]
-      assert checkpoint_steps(workdir)[-1] == 30
-      assert metric_lines(workdir) == [r for r in metric_lines(reference_run) if r["step"] <= 30]
+      stopped = re.search(r"preempted at step (\d+) of 40", stderr)
+      assert stopped, stderr[-3000:]
+      step = int(stopped.group(1))
+      assert checkpoint_steps(workdir)[-1] == step
+      assert metric_lines(workdir) == [r for r in metric_lines(reference_run)
+                                       if r["step"] <= step]
     else:
       assert rc == -signal.SIGKILL, f"{interruption.phase}: rc {rc}\n{stderr[-3000:]}"
   rc, stderr = launch(args, cache_dir)
@@ -453,6 +466,9 @@ CHEAP_ARGS = ["--config.curvature.enabled=False"]
 
 def cheap_config(**train_overrides):
   config = smoke.get_config()
+  for key, value in TINY.items():
+    section, field = key.split(".")
+    config[section][field] = value
   config.curvature.enabled = False
   for key, value in train_overrides.items():
     config.train[key] = value
@@ -633,7 +649,7 @@ def test_disk_full_on_a_real_small_filesystem(cheap_reference, tmp_path, cache_d
                        for name in names)
   mount, out = tmp_path / "mnt", tmp_path / "out"
   mount.mkdir()
-  launch_cmd = " ".join([sys.executable, os.path.join(ROOT, "launch.py"), *SMOKE, *CHEAP_ARGS,
+  launch_cmd = shlex.join([sys.executable, os.path.join(ROOT, "launch.py"), *SMOKE, *CHEAP_ARGS,
                          f"--workdir={mount}/run"])
   script = "\n".join([
       f"mount -t tmpfs -o size={int(one_checkpoint * 1.5) // 1024}k tmpfs {mount}",

@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffdyn import io
 
@@ -63,3 +64,25 @@ def test_image_grid_layout():
   assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
   assert grid[1, 1, 0] == 0 and grid[1, 6, 0] == 1 and grid[6, 1, 0] == 3
   assert grid[0, 0, 0] == 255
+
+
+def _event_files(directory):
+  return [name for name in os.listdir(directory) if name.startswith("events.out.tfevents")]
+
+
+def test_tensorboard_switch_changes_only_the_summaries(tmp_path):
+  pytest.importorskip("tensorflow")
+  lines = {}
+  for tensorboard in (True, False):
+    workdir = tmp_path / str(tensorboard)
+    workdir.mkdir()
+    writer = io.MetricWriter(str(workdir), resume_step=0, wall_time_offset=0.0,
+                             tensorboard=tensorboard)
+    writer.write_scalars(10, {"train/loss": 0.5})
+    writer.flush()
+    writer.close()
+    assert bool(_event_files(workdir)) == tensorboard
+    with open(workdir / io.METRICS_FILE) as f:
+      lines[tensorboard] = [{k: v for k, v in json.loads(line).items() if k != "wall_time"}
+                            for line in f]
+  assert lines[True] == lines[False] == [{"step": 10, "train/loss": 0.5}]

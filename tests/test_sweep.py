@@ -7,11 +7,14 @@ train programs compile once per shape and the persistent cache serves the rest.
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from conftest import run_launch
 from diffdyn import sweep
 from diffdyn import train
@@ -19,6 +22,7 @@ from diffdyn.analysis import runs as runs_lib
 from diffdyn.errors import UserError
 from experiments import smoke
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
 # The tiny run, as --config.* overrides of experiments/smoke.py (launch tests use them as flags).
 TINY = {
     "data.image_size": 8, "model.image_size": 8, "data.synthetic_num_images": 64,
@@ -120,21 +124,22 @@ def test_replicates_are_the_grid_of_seeds_and_variants():
 
 
 def test_variants_enter_the_program_as_arrays():
-  config = tiny_config(**{"sweep.learning_rate": (1e-4, 3e-4), "sweep.ema_decay": (0.9, 0.999)})
-  configs = [r.config for r in sweep.replicates(config)]
-  model = train.models.get_model(config.model)
-  tx = sweep.make_sweep_optimizer(config.train)
-  placement = sweep.plan_placement(len(configs), 4, jax.devices()[:1])
-  state = sweep.init_states(configs, model, tx, placement.per_replicate)
-  np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"],
-                             [1e-4, 1e-4, 3e-4, 3e-4], rtol=1e-6)
-  hyperparams = sweep.stacked_hyperparams(configs, train.make_schedule(config))
+  grid = tiny_config(**{"sweep.learning_rate": (1e-4, 3e-4), "sweep.ema_decay": (0.9, 0.999)})
+  configs = [r.config for r in sweep.replicates(grid)]
+  hyperparams = sweep.stacked_hyperparams(configs, train.make_schedule(grid))
   np.testing.assert_allclose(hyperparams.ema_new, [0.1, 0.001, 0.1, 0.001], rtol=1e-6)
-  assert hyperparams.loss_weights.shape == (4, config.diffusion.num_timesteps)
-  # Every replicate has seed 1077 here: the vmapped init equals the single run's, bitwise.
-  single = train.create_train_state(configs[0], model, train.make_optimizer(config.train))
-  for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(np.broadcast_to(a, b.shape), b)
+  np.testing.assert_allclose(hyperparams.ema_old, [0.9, 0.999, 0.9, 0.999], rtol=1e-6)
+  assert hyperparams.loss_weights.shape == (4, grid.diffusion.num_timesteps)
+  # The learning rate lives in each replicate's optimizer state; one seed, one init.
+  config = tiny_config(**{"sweep.learning_rate": (1e-4, 3e-4)})
+  configs = [r.config for r in sweep.replicates(config)]
+  placement = sweep.plan_placement(len(configs), 4, jax.devices()[:1])
+  state = sweep.init_states(configs, train.models.get_model(config.model),
+                            sweep.make_sweep_optimizer(config.train), placement.per_replicate)
+  np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"], [1e-4, 3e-4],
+                             rtol=1e-6)
+  for leaf in jax.tree.leaves(state.params):
+    np.testing.assert_array_equal(leaf[0], leaf[1])
 
 
 def test_replicate_follows_the_single_run_and_seeds_differ(single_run, seed_sweep):
@@ -183,15 +188,33 @@ def test_a_gamma_variant_changes_the_weights_only(single_run, tmp_path):
   assert runs_lib.load_run(other).config["loss"]["minsnr_gamma"] == 1.0
 
 
-@pytest.mark.parametrize("seeds, split", [(4, "replicas"), (2, "batch")])
-def test_four_devices_match_one(seeds, split, seed_sweep, tmp_path, cache_dir, monkeypatch):
-  # Four CPU devices exist only if XLA is told before it starts: hence launch.py in a process.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-  workdir = str(tmp_path / split)
-  proc = run_launch([*tiny_flags(**{"sweep.seeds": seeds}), f"--workdir={workdir}"], cache_dir)
+def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
+  # Four CPU devices exist only if XLA is told before it starts: hence a fresh process, which
+  # runs 4 replicates (one per device) and 2 (each batch of 4 split over the devices).
+  script = (f"import logging, sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "from diffdyn import sweep\n"
+            "from test_sweep import tiny_config\n"
+            "for seeds, workdir in ((4, sys.argv[1]), (2, sys.argv[2])):\n"
+            "  sweep.train_and_evaluate_sweep(tiny_config(**{'sweep.seeds': seeds}), workdir)\n")
+  workdirs = [str(tmp_path / "replicas"), str(tmp_path / "batch")]
+  env = dict(os.environ, DIFFDYN_CACHE=cache_dir,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, "-c", script, *workdirs], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"on 4 devices (split: {split})" in proc.stderr
+  assert "4 replicates on 4 devices (split: replicas)" in proc.stderr
+  assert "2 replicates on 4 devices (split: batch)" in proc.stderr
   one_device, _ = seed_sweep
-  for name in ("smoke_seed1077", "smoke_seed1078"):
-    np.testing.assert_allclose(losses(os.path.join(workdir, name)),
-                               losses(os.path.join(one_device, name)), rtol=RTOL)
+  for workdir in workdirs:
+    for name in ("smoke_seed1077", "smoke_seed1078"):
+      np.testing.assert_allclose(losses(os.path.join(workdir, name)),
+                                 losses(os.path.join(one_device, name)), rtol=RTOL)
+
+
+def test_launch_runs_a_sweep(tmp_path, cache_dir):
+  # Fails in the sweep's own input checks, before anything compiles: launch chose the sweep.
+  flags = tiny_flags(**{"sweep.seeds": 2, "sweep.seed_list": (5, 6, 7)})
+  proc = run_launch([*flags, f"--workdir={tmp_path / 'bad'}"], cache_dir)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "sweep.seeds (2) must be 1 or the number of sweep.seed_list (3)" in proc.stderr
