@@ -268,15 +268,20 @@ class Checkpoints:
   it is used: the resumed run then saves that step afresh.
   """
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int | None = None, *, read_only: bool = False):
+    """`read_only` touches no file: no temporary directory is cleaned, no damaged checkpoint
+    moved aside (their failures are only recorded), and nothing can be saved."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False,
-                                             cleanup_tmp_directories=True))
+    self.read_only = read_only
+    self.restore_failures: list[tuple[int, str]] = []   # (step, why), newest first
+    options = (ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                            enable_async_checkpointing=False) if read_only
+               else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False,
+                                                 cleanup_tmp_directories=True))
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
     self.manager.reload()
@@ -306,10 +311,13 @@ class Checkpoints:
                                           meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"]), step
       except Exception as e:  # orbax raises many types for a damaged checkpoint
+        why = f"{type(e).__name__}: {_one_line(str(e))[:200]}"
+        self.restore_failures.append((step, why))
+        if self.read_only:
+          continue
         kept_at = self._move_aside(step)
-        log.warning("checkpoint at step %d in %s does not restore (%s: %s); moved it to %s and "
-                    "falling back to the one before it", step, self.directory, type(e).__name__,
-                    _one_line(str(e))[:200], kept_at)
+        log.warning("checkpoint at step %d in %s does not restore (%s); moved it to %s and "
+                    "falling back to the one before it", step, self.directory, why, kept_at)
     return None
 
   def _move_aside(self, step: int) -> str:

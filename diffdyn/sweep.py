@@ -29,7 +29,6 @@ every file except the checkpoints, which orbax writes from all of them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -41,7 +40,6 @@ import flax
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -194,42 +192,13 @@ def get_replicate_step_fn(config, model, schedule, tx,
                           batch_sharding: NamedSharding | None = None) -> Callable:
   """(state, images, hyperparams) -> state after one step of one replicate; vmap it over R.
 
-  The step of `train.get_train_step_fn`, with the loss weights and the EMA coefficients read
-  from `hyperparams` instead of the config. `batch_sharding` splits the batch over devices.
+  The step of `train.get_step_fn`, with the loss weights and the EMA coefficients read from
+  `hyperparams` instead of the config.
   """
-  per_example_loss = train_lib.get_per_example_loss_fn(config, model, schedule)
-  t_count = config.diffusion.num_timesteps
-  tc = config.train
-
-  def weighted_loss(params, batch, dropout_rng, weights):
-    per_example = per_example_loss(params, batch.x0, batch.t, batch.noise, dropout_rng)
-    return jnp.mean(weights[batch.t] * per_example), per_example
+  step = train_lib.get_step_fn(config, model, schedule, tx, batch_sharding)
 
   def replicate_step(state, images, hp: Hyperparams):
-    batch = train_lib.draw_train_batch(state.rng, state.step, images, tc.batch_size, t_count,
-                                       config.data.random_flip)
-    if batch_sharding is not None:
-      split = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sharding)
-      batch = train_lib.Batch(split(batch.x0), split(batch.t), split(batch.noise))
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-    (loss, per_example), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
-        state.params, batch, dropout_rng, hp.loss_weights)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = jax.tree.map(lambda new, old: hp.ema_new * new + hp.ema_old * old, params,
-                              state.ema_params)
-    bad_loss = ~jnp.isfinite(loss)
-    bad_grad = ~jnp.isfinite(optax.global_norm(grads))
-    skip = jnp.logical_and(tc.skip_nonfinite_updates, bad_loss | bad_grad)
-    keep_old = functools.partial(jax.tree.map, lambda old, new: jnp.where(skip, old, new))
-    sums = train_lib._accumulate(  # pylint: disable=protected-access
-        state.sums, jnp.where(skip, 0.0, loss), jnp.where(skip, 0.0, per_example), batch.t,
-        t_count, state.step, bad_loss & ~skip, bad_grad & ~skip, skip)
-    return state.replace(step=state.step + 1,
-                         params=keep_old(state.params, params),
-                         opt_state=keep_old(state.opt_state, opt_state),
-                         ema_params=keep_old(state.ema_params, ema_params),
-                         sums=sums)
+    return step(state, images, hp.loss_weights, hp.ema_new, hp.ema_old)
 
   return replicate_step
 

@@ -146,26 +146,34 @@ def _accumulate(sums: MetricSums, loss, per_example, t, num_timesteps, step, bad
       bad_quantity=jnp.where(first_bad, jnp.where(bad_loss, 1, 2), sums.bad_quantity))
 
 
-def get_train_step_fn(config, model, schedule, tx) -> Callable:
-  """(state, images) -> state after one optimizer step. Pure; the caller jits and scans it."""
+def get_step_fn(config, model, schedule, tx, batch_sharding=None) -> Callable:
+  """(state, images, loss_weights, ema_new, ema_old) -> state after one optimizer step.
+
+  The step of a run and of each replicate of a sweep, which passes its own per-timestep loss
+  weights (T,) and EMA coefficients (ema = ema_new * params + ema_old * ema) as arrays.
+  `batch_sharding` splits the batch over devices. Pure; the caller jits and scans it.
+  """
   per_example_loss = get_per_example_loss_fn(config, model, schedule)
-  weights = jnp.asarray(loss_weights(config, schedule), jnp.float32)
   t_count = config.diffusion.num_timesteps
   tc = config.train
 
-  def weighted_loss(params, batch, dropout_rng):
+  def weighted_loss(params, batch, dropout_rng, weights):
     per_example = per_example_loss(params, batch.x0, batch.t, batch.noise, dropout_rng)
     return jnp.mean(weights[batch.t] * per_example), per_example
 
-  def train_step(state: TrainState, images: jax.Array) -> TrainState:
+  def step(state: TrainState, images: jax.Array, weights, ema_new, ema_old) -> TrainState:
     batch = draw_train_batch(state.rng, state.step, images, tc.batch_size, t_count,
                              config.data.random_flip)
+    if batch_sharding is not None:
+      split = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sharding)
+      batch = Batch(split(batch.x0), split(batch.t), split(batch.noise))
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
     (loss, per_example), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
-        state.params, batch, dropout_rng)
+        state.params, batch, dropout_rng, weights)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - tc.ema_decay)
+    ema_params = jax.tree.map(lambda new, old: ema_new * new + ema_old * old, params,
+                              state.ema_params)
     bad_loss = ~jnp.isfinite(loss)
     bad_grad = ~jnp.isfinite(optax.global_norm(grads))
     skip = jnp.logical_and(tc.skip_nonfinite_updates, bad_loss | bad_grad)
@@ -178,6 +186,18 @@ def get_train_step_fn(config, model, schedule, tx) -> Callable:
                          opt_state=keep_old(state.opt_state, opt_state),
                          ema_params=keep_old(state.ema_params, ema_params),
                          sums=sums)
+
+  return step
+
+
+def get_train_step_fn(config, model, schedule, tx) -> Callable:
+  """(state, images) -> state after one optimizer step of the run `config` describes."""
+  step = get_step_fn(config, model, schedule, tx)
+  weights = jnp.asarray(loss_weights(config, schedule), jnp.float32)
+  ema_new = 1.0 - config.train.ema_decay
+
+  def train_step(state: TrainState, images: jax.Array) -> TrainState:
+    return step(state, images, weights, ema_new, 1.0 - ema_new)
 
   return train_step
 

@@ -21,6 +21,16 @@ def cache_dir(tmp_path_factory):
   return str(path)
 
 
+def assert_one_line_error(proc, *words):
+  """launch.py's contract for bad input: exit 2, one `error:` line holding `words`, no traceback."""
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for word in words:
+    assert word in errors[0], errors[0]
+
+
 def run_launch(args, cache, timeout=600):
   """Runs launch.py in a fresh process; returns the CompletedProcess."""
   import subprocess  # pylint: disable=import-outside-toplevel

@@ -270,26 +270,20 @@ def _restore_newest(directory: pathlib.Path,
                     template) -> tuple[Any, int, list[int], list[tuple[int, str]]]:
   """(state or None, its step, every step, (step, why) of newer ones), touching no file.
 
-  The restore io.Checkpoints does, on a read-only manager: io.Checkpoints cleans temporary
-  directories when it opens and moves a damaged checkpoint aside, and an audit must leave
-  the run as it found it.
+  Read-only, since an audit must leave the run as it found it: no temporary directory
+  cleaned, no damaged checkpoint moved aside.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                            meta=ocp.args.JsonRestore())
-  failures = []
   with _quiet_absl():
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False,
-                                           enable_async_checkpointing=False)
-    with ocp.CheckpointManager(str(directory.resolve()), options=options) as manager:
-      steps = sorted(manager.all_steps())
-      for step in reversed(steps):
-        try:
-          return manager.restore(step, args=args)["state"], step, steps, failures
-        except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
-          failures.append((step, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
-  return None, -1, steps, failures
+    ckpts = io.Checkpoints(str(directory), read_only=True)
+    try:
+      steps = ckpts.steps()
+      restored = ckpts.restore_latest(template)
+    finally:
+      ckpts.close()
+  if restored is None:
+    return None, -1, steps, ckpts.restore_failures
+  state, _, step = restored
+  return state, step, steps, ckpts.restore_failures
 
 
 def restore_ema_params(run_dir: pathlib.Path, config, model) -> tuple[Any, int, list[str]]:
