@@ -71,7 +71,7 @@ def _fail_unknown_key(error: LookupError | AttributeError, argv) -> None:
   key = str(error).strip("\"' ")
   given = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
   fail(f"unknown config key {key!r} in {given[0] if given else 'a --config.* override'}; "
-       "the keys are those of experiments/base.py", EXIT_BAD_INPUT)
+       "the keys are those of diffdyn/configs/default.py", EXIT_BAD_INPUT)
 
 
 def _last_line(text: str) -> str:

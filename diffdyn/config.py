@@ -1,6 +1,6 @@
 """Config validation: every key, type and value is checked before anything compiles.
 
-The schema is `experiments/base.py` itself: a key it does not define is unknown, and each
+The schema is `diffdyn/configs/default.py` itself: a key it does not define is unknown, and each
 value must have the type of the base value. Value rules below then name the allowed values,
 so every mistake becomes one line that says which key is wrong and what it may be.
 """
@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from diffdyn.configs import default
 from diffdyn.errors import UserError
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -112,8 +113,7 @@ RULES: dict[str, Rule] = {
 
 
 def base_config() -> ml_collections.ConfigDict:
-  from experiments import base  # pylint: disable=import-outside-toplevel
-  return base.get_config()
+  return default.get_config()
 
 
 def _flatten(cfg, prefix="") -> dict[str, Any]:

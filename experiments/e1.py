@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e1.py --workdir runs/e1
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e1"
   config.train.total_steps = 50_000
   return config

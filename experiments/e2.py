@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e2.py --workdir runs/e2
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e2"
   config.loss.weighting = "minsnr"
   config.loss.minsnr_gamma = 5.0

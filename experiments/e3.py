@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e3.py --workdir runs/e3
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e3"
   config.loss.weighting = "minsnr"
   config.loss.minsnr_gamma = 5.0

@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e5.py --workdir runs/e5
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e5"
   config.curvature.enabled = True
   config.curvature.objective = "both"

@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e6.py --workdir runs/e6
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e6"
   config.loss.weighting = "minsnr"
   config.loss.minsnr_gamma = 5.0

@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e7a.py --workdir runs/e7a
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e7a"
   config.curvature.enabled = True
   return config

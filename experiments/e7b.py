@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e7b.py --workdir runs/e7b
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e7b"
   config.train.total_steps = 50_000
   config.curvature.enabled = True

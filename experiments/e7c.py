@@ -2,11 +2,11 @@
 
   python launch.py --config experiments/e7c.py --workdir runs/e7c
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "e7c"
   config.model.base_channels = 64
   config.curvature.enabled = True

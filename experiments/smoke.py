@@ -6,11 +6,11 @@ exercise it too.
 
   python launch.py --config experiments/smoke.py --workdir runs/smoke
 """
-from experiments import base
+from diffdyn.configs import default
 
 
 def get_config():
-  config = base.get_config()
+  config = default.get_config()
   config.name = "smoke"
   config.data.name = "synthetic"
   config.data.image_size = 16

@@ -5,7 +5,7 @@ import pytest
 
 from diffdyn import config as config_lib
 from diffdyn.errors import UserError
-from experiments import base
+from diffdyn.configs import default as base
 
 EXPERIMENTS = ("base", "e1", "e2", "e3", "e5", "e6", "e7a", "e7b", "e7c", "smoke")
 

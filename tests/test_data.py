@@ -9,7 +9,7 @@ import pytest
 
 from diffdyn import data
 from diffdyn.errors import UserError
-from experiments import base
+from diffdyn.configs import default as base
 
 
 def _data_config(**kw):

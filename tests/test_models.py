@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 
 from diffdyn import models
-from experiments import base, smoke
+from diffdyn.configs import default as base
+from experiments import smoke
 
 
 def test_param_count_matches_ddpm_cifar10_reference():
