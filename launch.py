@@ -25,6 +25,7 @@ _LOG_LEVEL = flags.DEFINE_enum(
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 3
+EXIT_INTERRUPTED = 130   # as a shell reports a process ended by SIGINT
 
 
 def fail(message: str, status: int) -> None:
@@ -96,14 +97,21 @@ def main(argv) -> None:
   from diffdyn import io, train  # pylint: disable=import-outside-toplevel
   from diffdyn.errors import RunFailed, UserError  # pylint: disable=import-outside-toplevel
   io.enable_compilation_cache()
-  from diffdyn import sweep  # pylint: disable=import-outside-toplevel
-  run = sweep.train_and_evaluate_sweep if sweep.is_sweep(config) else train.train_and_evaluate
   try:
-    final = run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    final = train.train_and_evaluate(config, _WORKDIR.value,
+                                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except UserError as e:
     fail(str(e), EXIT_BAD_INPUT)
   except RunFailed as e:
     fail(str(e), EXIT_RUN_FAILED)
+  except KeyboardInterrupt:   # a second Ctrl-C: stopped at once
+    print("interrupted (Ctrl-C twice): stopped without a checkpoint of the last steps; run the "
+          "same command to resume from the latest checkpoint", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+  if final.get("interrupted") == "SIGINT":
+    print(f"interrupted at step {final['step']} of {config.train.total_steps} (Ctrl-C), with a "
+          "checkpoint there; run the same command to resume", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
   if final["step"] < config.train.total_steps:
     logging.warning("preempted at step %d of %d; run the same command to resume", final["step"],
                     config.train.total_steps)

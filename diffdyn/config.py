@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from diffdyn import diffusion
 from diffdyn.configs import default
 from diffdyn.errors import UserError
 
@@ -25,6 +26,7 @@ _POSITIVE_INT: Rule = (lambda v: v > 0, "an integer > 0")
 _NON_NEGATIVE: Rule = (lambda v: v >= 0, "a number >= 0")
 _POSITIVE: Rule = (lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 _PROBABILITY: Rule = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_UNIT_INTERVAL: Rule = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _POSITIVE_INTS: Rule = (lambda v: len(v) > 0 and all(isinstance(i, int) and i > 0 for i in v),
                         "a non-empty sequence of integers > 0")
 
@@ -71,6 +73,7 @@ RULES: dict[str, Rule] = {
     "train.adam_eps": _POSITIVE,
     "train.ema_decay": _PROBABILITY,
     "train.precision": _one_of("fp32", "bf16"),
+    "train.chunk_runner": _one_of("auto", "scan", "loop"),
     "train.log_every_steps": _POSITIVE_INT,
     "train.checkpoint_every_steps": _POSITIVE_INT,
     "train.keep_checkpoints": (lambda v: v >= 2, "an integer >= 2 (one to fall back on)"),
@@ -80,6 +83,7 @@ RULES: dict[str, Rule] = {
     "curvature.batch": _one_of("fixed", "current"),
     "curvature.batch_size": _POSITIVE_INT,
     "curvature.objective": _one_of("train", "reference", "both"),
+    "curvature.params": _one_of("raw", "ema", "both"),
     "curvature.chunk_size": _NON_NEGATIVE,
     "curvature.t_bands": _NON_NEGATIVE,
     "curvature.top_eig_every_steps": _NON_NEGATIVE,
@@ -89,7 +93,7 @@ RULES: dict[str, Rule] = {
     "eval.final_fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
     "eval.sampler": _one_of("ddpm", "ddim"),
     "eval.nfe": _POSITIVE_INT,
-    "eval.eta": _NON_NEGATIVE,
+    "eval.eta": _UNIT_INTERVAL,
     "eval.spacing": _one_of("linspace", "leading", "trailing"),
     "eval.variance": _one_of("small", "large"),
     "eval.respacing": _one_of("respaced", "none"),
@@ -97,7 +101,9 @@ RULES: dict[str, Rule] = {
     "eval.grid_num_samples": _POSITIVE_INT,
     "eval.grid_sampler": _one_of("ddpm", "ddim"),
     "eval.grid_nfe": _POSITIVE_INT,
-    "eval.grid_eta": _NON_NEGATIVE,
+    "eval.grid_eta": _UNIT_INTERVAL,
+    "eval.grid_params": _one_of("ema", "raw", "both"),
+    "eval.grid_upscale": _POSITIVE_INT,
     "fid.batch_size": _POSITIVE_INT,
     "sweep.seeds": _POSITIVE_INT,
     "sweep.seed_list": _variants(lambda v: isinstance(v, int) and not isinstance(v, bool)
@@ -184,9 +190,60 @@ def check_consistency(config) -> None:
   if c.enabled and c.top_eig_every_steps % c.every_steps:
     raise UserError(f"config curvature.top_eig_every_steps ({c.top_eig_every_steps}) must be a "
                     f"multiple of curvature.every_steps ({c.every_steps})")
+  if c.enabled and c.estimator == "hutch++" and c.num_probes < 3:
+    raise UserError(f"config curvature.num_probes ({c.num_probes}) must be >= 3 for "
+                    "curvature.estimator 'hutch++' (a sketch, its basis and a residual probe)")
+  check_samplers(config)
   if c.t_bands > c.batch_size:
     raise UserError(f"config curvature.t_bands ({c.t_bands}) must be <= curvature.batch_size "
                     f"({c.batch_size}) so that every band holds a probe example")
+
+
+def check_samplers(config) -> None:
+  """Builds each evaluation sampler's per-step constants, as the first evaluation will.
+
+  A sampler setting that the math rejects (an NFE its spacing cannot keep, a schedule whose
+  alpha_bar leaves (0, 1) at a kept step) then fails here, naming its keys, instead of at the
+  first milestone thousands of steps in.
+  """
+  d, e = config.diffusion, config.eval
+  schedule = diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+  for prefix, sampler, nfe, eta in (("eval.", e.sampler, e.nfe, e.eta),
+                                    ("eval.grid_", e.grid_sampler, e.grid_nfe, e.grid_eta)):
+    try:
+      diffusion.step_coefficients(schedule, sampler=sampler, nfe=nfe, eta=eta,
+                                  spacing=e.spacing, variance=e.variance,
+                                  respacing=e.respacing)
+    except ValueError as err:
+      raise UserError(f"config {prefix}sampler {sampler!r} with {prefix}nfe={nfe} cannot run "
+                      f"(eval.spacing={e.spacing!r}): {err}") from None
+
+
+def to_dict(config) -> dict:
+  """A config (frozen or not) as plain nested dicts, as config.json stores it."""
+  return ml_collections.ConfigDict(config).to_dict()
+
+
+# Keys that may change between a run and its resume without --allow_config_change: none of them
+# changes a number the run computes.
+RESUMABLE_CHANGES = ("train.total_steps", "train.tensorboard")
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """'key: old -> new' for every leaf that differs, outside RESUMABLE_CHANGES, sorted."""
+  diffs = []
+  for key in sorted(set(old) | set(new)):
+    path = prefix + key
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += differences(a, b, path + ".")
+    elif _normalise(a) != _normalise(b) and path not in RESUMABLE_CHANGES:
+      diffs.append(f"{path}: {a!r} -> {b!r}")
+  return diffs
+
+
+def _normalise(v):
+  return list(v) if isinstance(v, tuple) else v
 
 
 def validate(config) -> ml_collections.ConfigDict:

@@ -321,6 +321,13 @@ def _step_coefficients(schedule: Schedule, timesteps: np.ndarray, sampler: str, 
   return {name: np.asarray(value, np.float32) for name, value in coef.items()}
 
 
+def step_coefficients(schedule: Schedule, *, sampler: str, nfe: int, eta: float, spacing: str,
+                      variance: str, respacing: str) -> dict[str, np.ndarray]:
+  """The per-step constants `sample` would use, or the ValueError it would raise."""
+  timesteps = respaced_timesteps(schedule.num_timesteps, nfe, spacing)
+  return _step_coefficients(schedule, timesteps, sampler, eta, variance, respacing)
+
+
 def _sample_loop(eps_fn, rng, timesteps, coef, *, shape, sampler, clip_x0, dtype):
   """The reverse process as one scan over the kept steps, from the noisiest to t = 0."""
   update = get_sampler(sampler).update

@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
+import types
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -184,11 +186,15 @@ class MetricWriter:
   """The run's writers: CLU (TensorBoard + logging where available) and metrics.jsonl."""
 
   def __init__(self, workdir: str, resume_step: int, wall_time_offset: float, *,
-               tensorboard: bool = True, clu_writer=None):
-    self.jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step)
-    self.clu = clu_writer if clu_writer is not None else make_clu_writer(workdir, tensorboard)
+               tensorboard: bool = True, clu_writer=None, enabled: bool = True):
+    """`enabled=False` writes nothing (the processes of a multi-host run other than 0)."""
+    self.enabled = enabled
     self._start = time.monotonic()
     self._offset = wall_time_offset
+    if not enabled:
+      return
+    self.jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE), resume_step)
+    self.clu = clu_writer if clu_writer is not None else make_clu_writer(workdir, tensorboard)
 
   @property
   def wall_time(self) -> float:
@@ -196,6 +202,8 @@ class MetricWriter:
     return self._offset + time.monotonic() - self._start
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     log.debug("writing metrics at step %d: %s", step, ", ".join(scalars))
     scalars = {k: _to_python(v) for k, v in scalars.items()}
     self.jsonl.write(step, self.wall_time, scalars)
@@ -204,16 +212,20 @@ class MetricWriter:
                                     if isinstance(v, (int, float)) and math.isfinite(v)})
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    if not self.enabled:
+      return
     with reporting_disk_full(f"writing the TensorBoard images of step {step}"):
       self.clu.write_images(step, images)
 
   def flush(self) -> None:
-    with reporting_disk_full("flushing the TensorBoard summaries"):
-      self.clu.flush()
+    if self.enabled:
+      with reporting_disk_full("flushing the TensorBoard summaries"):
+        self.clu.flush()
 
   def close(self) -> None:
-    with reporting_disk_full("closing the TensorBoard summaries"):
-      self.clu.close()
+    if self.enabled:
+      with reporting_disk_full("closing the TensorBoard summaries"):
+        self.clu.close()
 
 
 def image_grid(images_uint8: np.ndarray) -> np.ndarray:
@@ -229,11 +241,26 @@ def image_grid(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, image_uint8: np.ndarray) -> None:
+  """Writes a PNG atomically (a kill leaves the old file or the new one), making its folder."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   tmp = f"{path}.tmp.{os.getpid()}.png"
   try:
     with reporting_disk_full(f"writing {path}"):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
       Image.fromarray(image_uint8).save(tmp)
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes arrays as an .npz atomically, making its folder."""
+  tmp = f"{path}.tmp.{os.getpid()}.npz"
+  try:
+    with reporting_disk_full(f"writing {path}"):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
       os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -258,19 +285,85 @@ def write_config_json(workdir: str, config_dict: dict) -> None:
     _atomic_write_text(path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
 
+class StructureMismatch(Exception):
+  """A checkpoint holds a state of another structure than the one asked for: not damage."""
+
+
+class CheckpointReadError(RunFailed):
+  """A checkpoint could not be read for a reason that is not damage (access, a lost mount)."""
+
+
+# What says a read failed for a reason outside the checkpoint's own bytes: those are reported,
+# and nothing is moved. Python's errnos, and tensorstore's status words in orbax's messages.
+_NOT_DAMAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTCONN, errno.ESTALE,
+                      errno.ENODEV, errno.ETIMEDOUT, errno.EAGAIN, errno.EHOSTDOWN)
+_NOT_DAMAGE_TEXT = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",
+                    "ABORTED", "Permission denied", "Input/output error",
+                    "Transport endpoint is not connected", "Stale file handle")
+
+
+def is_damage(error: BaseException) -> bool:
+  """Whether a failed checkpoint read means the checkpoint itself is damaged.
+
+  Access and availability failures (permission denied, an I/O error, a vanished mount) are
+  not: the same bytes may read fine once the file system is back, so they must not be acted on.
+  """
+  if isinstance(error, OSError) and error.errno in _NOT_DAMAGE_ERRNOS:
+    return False
+  return not any(text in str(error) for text in _NOT_DAMAGE_TEXT)
+
+
+def tree_signature(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{"a/b/0": (shape, dtype)} of a pytree's array leaves (arrays, ShapeDtypeStructs, metadata)."""
+  def name(entry) -> str:
+    for attr in ("name", "key", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+
+  return {"/".join(name(e) for e in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(leaf, "shape") and hasattr(leaf, "dtype")}
+
+
+def describe_mismatch(stored: dict, expected: dict, limit: int = 4) -> str:
+  """One line naming the leaves that differ between two `tree_signature`s."""
+  def listing(paths):
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+  parts = []
+  missing = sorted(set(expected) - set(stored))
+  extra = sorted(set(stored) - set(expected))
+  changed = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+  if missing:
+    parts.append(f"{len(missing)} leaves the checkpoint lacks ({listing(missing)})")
+  if extra:
+    parts.append(f"{len(extra)} leaves it has that the state does not ({listing(extra)})")
+  if changed:
+    shown = [f"{k} {stored[k][0]}->{expected[k][0]}" if stored[k][1] == expected[k][1]
+             else f"{k} {stored[k][1]}->{expected[k][1]}" for k in changed]
+    parts.append(f"{len(changed)} leaves of another shape or dtype ({listing(shown)})")
+  return "; ".join(parts)
+
+
 class Checkpoints:
   """Orbax checkpoints of the train state plus a small JSON of run metadata.
 
   Saves are synchronous and orbax commits each by an atomic rename, so a kill leaves either
   the new checkpoint or none (plus a temporary directory, removed when the next run opens the
-  checkpoints). A latest checkpoint that still fails to restore (a damaged disk, a file cut by
-  a full disk) is moved aside into `corrupt_checkpoints/` with a warning, and the one before
-  it is used: the resumed run then saves that step afresh.
+  checkpoints for writing).
+
+  `restore_latest` tells difference from damage. A checkpoint whose stored tree (orbax's item
+  metadata) has other leaves or shapes than the requested state raises `StructureMismatch`: it
+  is another run's state, and nothing may be done to it. One that fails to read for lack of
+  access raises `CheckpointReadError`. Only a checkpoint whose own files fail (unparsable
+  metadata, cut or missing array files) counts as damaged: it is skipped and recorded in
+  `restore_failures`, and the caller moves it aside (`move_aside`) once it has decided to
+  resume from an older one.
   """
 
   def __init__(self, directory: str, keep: int | None = None, *, read_only: bool = False):
-    """`read_only` touches no file: no temporary directory is cleaned, no damaged checkpoint
-    moved aside (their failures are only recorded), and nothing can be saved."""
+    """`read_only` touches no file: no temporary directory is cleaned, and nothing is saved."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     self._ocp = ocp
     self.directory = os.path.abspath(directory)
@@ -281,7 +374,10 @@ class Checkpoints:
                else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=False,
                                                  cleanup_tmp_directories=True))
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with _quiet_absl():
+      self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers),
+                                           item_handlers=handlers, options=options)
 
   def steps(self) -> list[int]:
     self.manager.reload()
@@ -297,31 +393,52 @@ class Checkpoints:
       self.manager.wait_until_finished()
     log.debug("saved checkpoint at step %d", step)
 
-  def restore_latest(self, template):
-    """(state, meta, step) from the newest checkpoint that restores, or None if there is none.
+  def stored_signature(self, step: int) -> dict:
+    """`tree_signature` of the state saved at `step`, from its metadata alone."""
+    metadata = self.manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise ValueError(f"no state metadata in the checkpoint of step {step}")
+    return tree_signature(getattr(metadata, "tree", metadata))
 
-    `template` holds arrays or jax.ShapeDtypeStructs of the state's structure.
+  def restore_latest(self, template):
+    """(state, meta, step) from the newest checkpoint that restores, or None if none does.
+
+    `template` holds arrays or jax.ShapeDtypeStructs (with shardings) of the state's structure.
+    Raises StructureMismatch or CheckpointReadError as the class docstring says.
     """
     ocp = self._ocp
+    expected = tree_signature(template)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in reversed(self.steps()):
+      try:
+        stored = self.stored_signature(step)
+      except Exception as e:  # orbax raises many types for unreadable metadata
+        self._failed(step, e)
+        continue
+      if stored != expected:
+        raise StructureMismatch(f"step {step}: {describe_mismatch(stored, expected)}")
       try:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                           meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"]), step
-      except Exception as e:  # orbax raises many types for a damaged checkpoint
-        why = f"{type(e).__name__}: {_one_line(str(e))[:200]}"
-        self.restore_failures.append((step, why))
-        if self.read_only:
-          continue
-        kept_at = self._move_aside(step)
-        log.warning("checkpoint at step %d in %s does not restore (%s); moved it to %s and "
-                    "falling back to the one before it", step, self.directory, why, kept_at)
+      except Exception as e:  # likewise for array files that are cut, garbled or missing
+        self._failed(step, e)
     return None
 
-  def _move_aside(self, step: int) -> str:
-    """Moves a damaged step out of orbax's directory, so that step can be saved again."""
+  def _failed(self, step: int, error: Exception) -> None:
+    why = f"{type(error).__name__}: {_one_line(str(error))[:200]}"
+    if not is_damage(error):
+      raise CheckpointReadError(f"could not read the checkpoint of step {step} in "
+                                f"{self.directory} ({why}); nothing was changed: check that "
+                                "the files are readable and run the same command again")
+    log.debug("checkpoint at step %d does not restore: %s", step, why)
+    self.restore_failures.append((step, why))
+
+  def move_aside(self, step: int) -> str:
+    """Moves a damaged step out of orbax's directory (never deletes it); returns where to."""
+    if self.read_only:
+      raise ValueError("a read-only Checkpoints moves nothing")
     parent = os.path.join(os.path.dirname(self.directory), CORRUPT_CHECKPOINTS_DIR)
     os.makedirs(parent, exist_ok=True)
     dest = os.path.join(parent, str(step))
@@ -337,37 +454,139 @@ class Checkpoints:
     self.manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """Orbax warns through absl about every read-only directory it opens; those are expected."""
+  absl_log = logging.getLogger("absl")
+  previous = absl_log.level
+  absl_log.setLevel(max(previous, logging.ERROR))
+  try:
+    yield
+  finally:
+    absl_log.setLevel(previous)
+
+
 def _one_line(text: str) -> str:
   return " ".join(text.split())
 
 
 class Progress:
-  """Logs step, steps/s and ETA; through CLU's ReportProgress if `use_clu` and CLU imports."""
+  """The run's progress lines: step, steps/s and ETA every `every_secs`, and a line naming the
+  phase in progress (a compile, an evaluation, a save) whenever one runs that long.
 
-  def __init__(self, total_steps: int, every_secs: float = 30.0, use_clu: bool = True):
+  A context manager: inside it a daemon thread watches for silence, so a long compile or FID
+  evaluation shows up in the log as what it is, not as a stalled run.
+  """
+
+  def __init__(self, total_steps: int, every_secs: float = 30.0, replicates: int = 1):
     self.total_steps = total_steps
-    self._clu = None
-    if use_clu:
-      try:
-        from clu import periodic_actions  # pylint: disable=import-outside-toplevel
-        self._clu = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                                    every_secs=every_secs)
-      except ImportError:
-        pass
     self._every = every_secs
-    self._last = None
+    self._replicates = replicates
+    self._lock = threading.Lock()
+    self._last_line = time.monotonic()
+    self._phase, self._phase_start = "setting up", time.monotonic()
+    self._done = threading.Event()
+    self._thread = None
 
-  def __call__(self, step: int, steps_per_sec: float) -> None:
-    if self._clu is not None:
-      self._clu(step, time.monotonic())
-      return
+  def __enter__(self) -> "Progress":
+    self._thread = threading.Thread(target=self._watch, name="diffdyn-progress", daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._done.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def set_phase(self, phase: str) -> None:
+    with self._lock:
+      if phase != self._phase:
+        self._phase, self._phase_start = phase, time.monotonic()
+
+  def report(self, step: int, steps_per_sec: float) -> None:
+    """A progress line, if `every_secs` have passed since the last line or the run is done."""
     now = time.monotonic()
-    if self._last is not None and now - self._last < self._every and step < self.total_steps:
-      return
-    self._last = now
+    with self._lock:
+      if now - self._last_line < self._every and step < self.total_steps:
+        return
+      self._last_line = now
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
-    log.info("step %d/%d (%.0f%%), %.1f steps/s, ETA %s", step, self.total_steps,
-             100 * step / self.total_steps, steps_per_sec, _hms(eta))
+    per = f" x {self._replicates} replicates" if self._replicates > 1 else ""
+    log.info("step %d/%d (%.0f%%), %.1f steps/s%s, ETA %s", step, self.total_steps,
+             100 * step / self.total_steps, steps_per_sec, per, _hms(eta))
+
+  def _watch(self) -> None:
+    while not self._done.wait(min(self._every, 5.0)):
+      now = time.monotonic()
+      with self._lock:
+        if now - self._last_line < self._every:
+          continue
+        self._last_line = now
+        phase, since = self._phase, now - self._phase_start
+      log.info("... %s (%s so far)", phase, _hms(since))
+
+
+class Clock:
+  """Wall time split into phases, with the compiles inside them kept apart.
+
+  `phase(name)` times a block; `compiled(program, seconds, phase)` says that `seconds` of that
+  phase went to compiling `program`. `summary()` accounts for the wall time since the clock
+  started: setup, each program's compile, each phase's own time, and whatever is left over.
+  """
+
+  def __init__(self):
+    self._start = time.monotonic()
+    self._phases: dict[str, float] = {}
+    self._compiles: dict[str, float] = {}
+    self._compiles_in: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    timing = types.SimpleNamespace(seconds=0.0)
+    start = time.monotonic()
+    try:
+      yield timing
+    finally:
+      timing.seconds = time.monotonic() - start
+      self._phases[name] = self._phases.get(name, 0.0) + timing.seconds
+
+  def compiled(self, program: str, seconds: float, phase: str | None = None) -> None:
+    if seconds <= 0:
+      return
+    self._compiles[program] = self._compiles.get(program, 0.0) + seconds
+    phase = phase or program
+    self._compiles_in[phase] = self._compiles_in.get(phase, 0.0) + seconds
+
+  def total_compile(self) -> float:
+    return sum(self._compiles.values())
+
+  def summary(self) -> str:
+    wall = time.monotonic() - self._start
+    compiles = ", ".join(f"{k} {v:.1f}" for k, v in self._compiles.items())
+    phases = {k: v - self._compiles_in.get(k, 0.0) for k, v in self._phases.items()}
+    other = wall - self.total_compile() - sum(phases.values())
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+    return (f"{wall:.1f} s of wall time = {self.total_compile():.1f} s compiling "
+            f"({compiles or 'nothing'}) + {shown} + {other:.1f} s other")
+
+
+def ensure_logging() -> None:
+  """Shows diffdyn's INFO lines (progress, compiles) where nothing else set logging up.
+
+  A notebook or script that configured logging keeps its own setup; one that did not gets
+  diffdyn's lines on stderr instead of Python's default of warnings only.
+  """
+  logger = logging.getLogger("diffdyn")
+  if logger.handlers or logging.getLogger().handlers:
+    return
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  logger.addHandler(handler)
+  # Libraries imported later (absl, orbax) may configure the root logger; without this each
+  # line would then be printed twice.
+  logger.propagate = False
+  if logger.level == logging.NOTSET:
+    logger.setLevel(logging.INFO)
 
 
 def _hms(seconds: float) -> str:

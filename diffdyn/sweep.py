@@ -1,22 +1,24 @@
-"""Replicates in one program: seeds and numeric variants of a config, vmapped, scanned, sharded.
+"""What is specific to replicates: the grid of a sweep, its stacked arrays, devices and processes.
 
 A sweep is the grid of `config.sweep`'s seeds and its non-empty variant tuples
 (`minsnr_gamma`, `learning_rate`, `ema_decay`, `loss_weighting`). Its R replicates share one
-jitted program: the train state carries a leading run axis, the step is `jax.vmap`-ed over it,
-and what differs between replicates enters as arrays, never as constants:
+jitted program (built by `train.py`, whose loop runs one run and a sweep alike): the train
+state carries a leading run axis, the step is `jax.vmap`-ed over it, and what differs between
+replicates enters as arrays, never as constants:
 
   * the per-timestep loss weights, (R, T): a weighting or a gamma is just another row;
-  * the EMA coefficients, (R,);
-  * the learning rate, inside the optimizer state (`optax.inject_hyperparams`).
+  * the EMA decay, (R,);
+  * the learning rate, inside the optimizer state (`objective.make_optimizer`).
 
-Each replicate is a run of its own: `workdir/<name>_seed<seed>/` holds its config.json (a
-single run's config, with its seed and variant values), metrics.jsonl, samples and FID, so the
-analysis commands read it like any other run. The sweep itself keeps its config.json and one
-checkpoint of the stacked state in `workdir`; running the same command again resumes.
+A config that asks for no replicates is one run, unstacked: `Replicas.stacked` is False and
+every helper here is then the identity. Each replicate of a sweep is a run of its own:
+`workdir/<name>_seed<seed>/` holds its config.json (a single run's config, with its seed and
+variant values), metrics.jsonl, samples and FID, so the analysis commands read it like any
+other run. The sweep keeps its config.json and one checkpoint of the stacked state in `workdir`.
 
 Replicate i follows the single run with its config to float tolerance: its step keys are
-fold_in(train_key(seed_i), step) as in `train.py`. Batched convolutions may round differently
-from unbatched ones, so losses agree to ~1e-6 relative, not bitwise.
+fold_in(train_key(seed_i), step) as in a single run. Batched convolutions may round
+differently from unbatched ones, so losses agree to ~1e-6 relative, not bitwise.
 
 Devices: the replicates are split over all devices (a 1-D Mesh, NamedSharding on the run
 axis) when R divides evenly; otherwise each replicate's batch is split (data parallel), or,
@@ -32,24 +34,16 @@ import dataclasses
 import itertools
 import logging
 import os
-import time
-import types
 from typing import Any, Callable, Sequence
 
-import flax
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
-import optax
 
 from diffdyn import config as config_lib
-from diffdyn import data as data_lib
-from diffdyn import io
-from diffdyn import models
-from diffdyn import train as train_lib
-from diffdyn.errors import RunFailed, UserError
+from diffdyn.errors import UserError
 
 log = logging.getLogger("diffdyn")
 
@@ -101,18 +95,20 @@ def _format_value(value) -> str:
 
 
 def replicates(config) -> list[Replicate]:
-  """The sweep's runs, variant by variant and seed by seed within a variant.
+  """The runs of `config`: itself for a single run; a sweep's, variant by variant, seed by seed.
 
   A replicate's config is the sweep's with the variant values set, its seed, and `sweep` back
   to a single run; a variant's values also extend `name` (e.g. "e6_gamma1"), so analysis
   groups each variant's seeds as one experiment.
   """
+  if not is_sweep(config):
+    return [Replicate(config.name, config_lib.validate(config))]
   axes = [(key, tuple(config.sweep[key])) for key in VARIANTS if config.sweep[key]]
   seeds = sweep_seeds(config)
   out = []
   for values in itertools.product(*(v for _, v in axes)):
     for seed in seeds:
-      cfg = ml_collections.ConfigDict(train_lib.config_to_dict(config))
+      cfg = ml_collections.ConfigDict(config_lib.to_dict(config))
       suffix = ""
       for (key, _), value in zip(axes, values):
         target, tag = VARIANTS[key]
@@ -128,97 +124,6 @@ def replicates(config) -> list[Replicate]:
   return out
 
 
-@flax.struct.dataclass
-class Hyperparams:
-  """What differs between replicates beyond the seed and the learning rate; leaves (R, ...)."""
-  loss_weights: jax.Array   # (T,) per-timestep loss weights
-  ema_new: jax.Array        # () the weight of the new params in the EMA: 1 - decay
-  ema_old: jax.Array        # () the weight of the old average: 1 - (1 - decay)
-
-
-def stacked_hyperparams(configs: Sequence[Any], schedule) -> Hyperparams:
-  """Host arrays with a leading run axis, computed in float64 and rounded as train.py rounds."""
-  rows = []
-  for cfg in configs:
-    step_size = 1.0 - cfg.train.ema_decay
-    rows.append(Hyperparams(
-        loss_weights=np.asarray(train_lib.loss_weights(cfg, schedule), np.float32),
-        ema_new=np.float32(step_size), ema_old=np.float32(1.0 - step_size)))
-  return jax.tree.map(lambda *xs: np.stack(xs), *rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# The program: optimizer, initial states, step and scan.
-# ----------------------------------------------------------------------------------------------
-
-
-def make_sweep_optimizer(train_config) -> optax.GradientTransformation:
-  """train.make_optimizer with the learning rate held in the optimizer state, per replicate."""
-  fields = ml_collections.ConfigDict(train_config).to_dict()
-
-  def optimizer(learning_rate):
-    return train_lib.make_optimizer(
-        types.SimpleNamespace(**dict(fields, learning_rate=learning_rate)))
-
-  return optax.inject_hyperparams(optimizer)(learning_rate=train_config.learning_rate)
-
-
-class _WithSeed:
-  """`config` read through, but with `seed` a traced value (a ConfigDict holds Python values)."""
-
-  def __init__(self, config, seed):
-    self._config = config
-    self.seed = seed
-
-  def __getattr__(self, name):
-    return getattr(self._config, name)
-
-
-def init_states(configs: Sequence[Any], model, tx, sharding) -> train_lib.TrainState:
-  """train.create_train_state of every replicate in one program; leaves gain the run axis."""
-  template = configs[0]
-
-  def init(seed, learning_rate):
-    state = train_lib.create_train_state(_WithSeed(template, seed), model, tx)
-    hyperparams = dict(state.opt_state.hyperparams, learning_rate=learning_rate)
-    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
-
-  seeds = np.asarray([c.seed for c in configs], np.uint32)
-  rates = np.asarray([c.train.learning_rate for c in configs], np.float32)
-  return jax.jit(jax.vmap(init), out_shardings=sharding)(seeds, rates)
-
-
-def get_replicate_step_fn(config, model, schedule, tx,
-                          batch_sharding: NamedSharding | None = None) -> Callable:
-  """(state, images, hyperparams) -> state after one step of one replicate; vmap it over R.
-
-  The step of `train.get_step_fn`, with the loss weights and the EMA coefficients read from
-  `hyperparams` instead of the config.
-  """
-  step = train_lib.get_step_fn(config, model, schedule, tx, batch_sharding)
-
-  def replicate_step(state, images, hp: Hyperparams):
-    return step(state, images, hp.loss_weights, hp.ema_new, hp.ema_old)
-
-  return replicate_step
-
-
-def get_sweep_scan_fn(replicate_step: Callable, state_sharding) -> Callable:
-  """(state, (images, hyperparams), num_steps) -> state after num_steps steps of every replicate.
-
-  Jitted with the state donated and kept on `state_sharding`, so chunk after chunk runs on
-  arrays that stay where they are.
-  """
-  step = jax.vmap(replicate_step, in_axes=(0, None, 0))
-
-  def sweep_scan(state, inputs, num_steps):
-    images, hyperparams = inputs
-    return jax.lax.scan(lambda s, _: (step(s, images, hyperparams), None), state, None,
-                        length=num_steps)[0]
-
-  return jax.jit(sweep_scan, static_argnums=2, donate_argnums=0, out_shardings=state_sharding)
-
-
 # ----------------------------------------------------------------------------------------------
 # Devices and processes.
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +137,8 @@ def maybe_initialize_distributed() -> bool:
   computation; returns whether it initialized.
   """
   env = os.environ
+  if jax.distributed.is_initialized():
+    return False
   if env.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
@@ -271,7 +178,7 @@ def plan_placement(num_replicas: int, batch_size: int, devices=None,
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    raise UserError(f"unknown split {split!r}; expected one of {SPLITS}")
   if split == "auto":
     split = ("none" if n == 1 else "replicas" if num_replicas % n == 0
              else "batch" if batch_size % n == 0 else "none")
@@ -299,175 +206,62 @@ def fetch(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _take_replicate_fn(sharding: NamedSharding) -> Callable:
-  """A jitted (state, i) -> replicate i's state on `sharding`; compiled once for every i."""
-  return jax.jit(lambda state, i: jax.tree.map(lambda a: a[i], state), out_shardings=sharding)
+# ----------------------------------------------------------------------------------------------
+# R runs as one program.
+# ----------------------------------------------------------------------------------------------
 
 
-def _zero_sums(num_replicas: int, sharding: NamedSharding) -> train_lib.MetricSums:
-  zeros = jax.tree.map(np.asarray, train_lib.MetricSums.zeros())
-  return put(jax.tree.map(lambda z: np.broadcast_to(z, (num_replicas,) + z.shape), zeros),
-             sharding)
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+  """The runs one program trains, how they are laid out and where they live.
 
-
-class _SilentWriter:
-  """The metric writer of a process that does not write (multi-host: all but process 0)."""
-
-  def __init__(self, wall_time_offset: float):
-    self._start, self._offset = time.monotonic(), wall_time_offset
+  `stacked`: every leaf of the state has a leading run axis of length R, and per-run
+  functions are vmapped over it. A single run (a config that is no sweep) is unstacked: its
+  state, checkpoints and compiled step are exactly a plain run's.
+  """
+  runs: tuple[Replicate, ...]
+  run_dirs: tuple[str, ...]
+  stacked: bool
+  placement: Placement
 
   @property
-  def wall_time(self) -> float:
-    return self._offset + time.monotonic() - self._start
+  def size(self) -> int:
+    return len(self.runs)
 
-  def write_scalars(self, step, scalars):
-    del step, scalars
+  @property
+  def state_sharding(self) -> NamedSharding:
+    return self.placement.per_replicate if self.stacked else self.placement.replicated
 
-  def write_images(self, step, images):
-    del step, images
+  def vmap(self, fn: Callable, in_axes) -> Callable:
+    """`fn` over the run axis of the arguments `in_axes` marks (0), or `fn` itself if unstacked."""
+    return jax.vmap(fn, in_axes=in_axes) if self.stacked else fn
 
-  def flush(self):
-    pass
+  def stack(self, trees: Sequence[Any]):
+    """Per-run host trees -> one tree (leading run axis if stacked), on the state's sharding."""
+    tree = jax.tree.map(lambda *xs: np.stack(xs), *trees) if self.stacked else trees[0]
+    return put(tree, self.state_sharding)
 
-  def close(self):
-    pass
+  def unstack(self, host_tree) -> list:
+    """One host tree (from `fetch`) -> the per-run trees."""
+    if not self.stacked:
+      return [host_tree]
+    return [jax.tree.map(lambda a, i=i: a[i], host_tree) for i in range(self.size)]
 
-
-# ----------------------------------------------------------------------------------------------
-# The run.
-# ----------------------------------------------------------------------------------------------
-
-
-def _bind_evaluators(templates: dict, ctx: train_lib.RunContext, first: bool) -> dict:
-  """The evaluators of one replicate: the started templates' copies, sharing their programs."""
-  if first:
-    for handler in templates.values():
-      handler.start(ctx)
-    return dict(templates)
-  return {name: handler.for_run(ctx) for name, handler in templates.items()}
+  def take_fn(self) -> Callable:
+    """A jitted (state, i) -> run i's state, replicated on every device; compiled once for all i."""
+    if not self.stacked:
+      return lambda state, i: state
+    return jax.jit(lambda state, i: jax.tree.map(lambda a: a[i], state),
+                   out_shardings=self.placement.replicated)
 
 
-def train_and_evaluate_sweep(config, workdir: str, *, allow_config_change: bool = False,
-                             split: str = "auto", devices=None) -> dict[str, float]:
-  """Trains (or resumes) every replicate of the sweep in `workdir`; returns final metrics.
-
-  Args:
-    config: a config whose `sweep` asks for several replicates (see `replicates`).
-    workdir: the sweep's directory; replicate runs go to `workdir/<replicate name>/`.
-    allow_config_change: resume a sweep whose config differs.
-    split: what to split over the devices: "auto", "replicas", "batch" or "none".
-    devices: the devices to use (default: all of them, over every process).
-
-  Returns:
-    {"<metric>[<replicate name>]": value} of the last values, and "step".
-  """
-  maybe_initialize_distributed()
-  config = config_lib.validate(config)
-  reps = replicates(config)
-  train_lib.check_resume_config(workdir, config, allow_config_change)
-  if not jax.config.jax_compilation_cache_dir:
-    io.enable_compilation_cache()
-  run_dirs = [os.path.join(workdir, r.name) for r in reps]
-  templates = train_lib.default_evaluators(reps[0].config)
-  for handler in templates.values():
-    handler.prepare(reps[0].config, run_dirs[0])
-  images_host = data_lib.load_images(config.data)
-  writes = jax.process_index() == 0
-  if writes:
-    io.check_writable(workdir)
-
-  num = len(reps)
-  placement = plan_placement(num, config.train.batch_size, devices, split)
-  log.info("sweep of %d replicates on %d devices (split: %s)", num, placement.mesh.size,
-           placement.split)
-  images = put(images_host, placement.replicated)
-  model = models.get_model(config.model, train_lib.compute_dtype(config))
-  schedule = train_lib.make_schedule(config)
-  tx = make_sweep_optimizer(config.train)
-  configs = [r.config for r in reps]
-  state = init_states(configs, model, tx, placement.per_replicate)
-  hyperparams = put(stacked_hyperparams(configs, schedule), placement.per_replicate)
-
-  if writes:
-    io.write_config_json(workdir, train_lib.config_to_dict(config))
-    for r, run_dir in zip(reps, run_dirs):
-      os.makedirs(run_dir, exist_ok=True)
-      io.write_config_json(run_dir, train_lib.config_to_dict(r.config))
-  ckpts = io.Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  restored = ckpts.restore_latest(state)
-  meta = {"wall_time": 0.0}
-  if restored is not None:
-    state, meta, _ = restored
-  step = int(fetch(state.step)[0])
-  if restored is not None:
-    log.info("resumed the sweep in %s at step %d", workdir, step)
-  writers = [io.MetricWriter(d, resume_step=step, wall_time_offset=meta["wall_time"],
-                             tensorboard=config.train.tensorboard) if writes
-             else _SilentWriter(meta["wall_time"]) for d in run_dirs]
-  handlers = []
-  for i, (r, run_dir, writer) in enumerate(zip(reps, run_dirs, writers)):
-    ctx = train_lib.RunContext(config=r.config, workdir=run_dir, model=model, schedule=schedule,
-                               images=images, writer=writer)
-    handlers.append(_bind_evaluators(templates, ctx, first=i == 0))
-
-  step_fn = get_replicate_step_fn(config, model, schedule, tx, placement.batch)
-  scans = train_lib.CompiledScans(get_sweep_scan_fn(step_fn, placement.per_replicate))
-  take_replicate = _take_replicate_fn(placement.replicated)
-  progress = io.Progress(config.train.total_steps, use_clu=config.train.tensorboard)
-  preempt = train_lib.PreemptionFlag()
-  preempt.install()
-  final = [{} for _ in reps]
-  run_steps, run_seconds = 0, 0.0
-  try:
-    while step < config.train.total_steps:
-      target = train_lib.next_event_step(config, step)
-      chunk_start = time.monotonic()
-      compile_before = scans.compile_seconds
-      state = scans(state, (images, hyperparams), target - step)
-      sums = fetch(state.sums)
-      run_seconds += time.monotonic() - chunk_start - (scans.compile_seconds - compile_before)
-      run_steps += target - step
-      step = target
-      steps_per_sec = run_steps / run_seconds if run_seconds > 0 else float("nan")
-      progress(step, steps_per_sec)
-      for i, r in enumerate(reps):
-        try:
-          train_lib.check_finite(jax.tree.map(lambda a, i=i: a[i], sums))
-        except RunFailed as e:
-          raise RunFailed(f"replicate {r.name}: {e}") from None
-      events = train_lib.due_events(config, step)
-      if "log" in events:
-        for i, writer in enumerate(writers):
-          scalars = train_lib.train_metrics(jax.tree.map(lambda a, i=i: a[i], sums))
-          scalars[io.TIMING_PREFIX + "steps_per_sec"] = steps_per_sec
-          scalars[io.TIMING_PREFIX + "compile_seconds"] = scans.compile_seconds
-          scalars[io.TIMING_PREFIX + "replicates"] = num
-          writer.write_scalars(step, scalars)
-          final[i].update(scalars)
-        state = state.replace(sums=_zero_sums(num, placement.per_replicate))
-      if any(h.due(events) for h in handlers[0].values()):
-        for i in range(num):
-          replicate_state = take_replicate(state, i)
-          for handler in handlers[i].values():
-            if handler.due(events):
-              final[i].update(handler(replicate_state, step, events))
-      if "checkpoint" in events or preempt.requested:
-        for writer in writers:
-          writer.flush()
-        ckpts.save(step, state, {"wall_time": writers[0].wall_time})
-      if preempt.requested:
-        log.warning("SIGTERM: saved a checkpoint at step %d; run the same command to resume", step)
-        break
-  finally:
-    preempt.uninstall()
-    for writer in writers:
-      writer.flush()
-      writer.close()
-    ckpts.close()
-  log.info("sweep done at step %d: %.1f s compiling, %.1f s running (%.1f steps/s x %d "
-           "replicates)", step, scans.compile_seconds, run_seconds,
-           run_steps / run_seconds if run_seconds else float("nan"), num)
-  out = {f"{key}[{r.name}]": value for r, metrics in zip(reps, final)
-         for key, value in metrics.items()}
-  out["step"] = step
-  return out
+def get_replicas(config, workdir: str, devices=None, split: str = "auto") -> Replicas:
+  """The `Replicas` of a validated config: its runs, their directories and their placement."""
+  runs = tuple(replicates(config))
+  if not is_sweep(config):
+    # One run on one device; spreading a run over devices is a sweep of one seed.
+    device = (jax.local_devices() if devices is None else list(devices))[0]
+    return Replicas(runs, (workdir,), False, plan_placement(1, 1, [device], "none"))
+  run_dirs = tuple(os.path.join(workdir, r.name) for r in runs)
+  placement = plan_placement(len(runs), config.train.batch_size, devices, split)
+  return Replicas(runs, run_dirs, True, placement)

@@ -1,8 +1,11 @@
-"""Training: the train state, the pure train step, the K-step scan and `train_and_evaluate`.
+"""Training: the train state, the pure step, chunk runners and the run loop for 1..R runs.
 
 Every number a run produces is a pure function of (config, seed, step): the step key is
 `fold_in(train_key, step)` and the whole data set lives on the device, so a run resumed from a
 checkpoint replays exactly the random numbers of an uninterrupted one.
+
+`train_and_evaluate(config, workdir)` runs one run, or the R replicates of a sweep
+(`config.sweep`, see sweep.py) as one vmapped program: the same loop, the same step.
 """
 from __future__ import annotations
 
@@ -19,27 +22,28 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from diffdyn import config as config_lib
 from diffdyn import data as data_lib
 from diffdyn import diffusion
+from diffdyn import evaluate
 from diffdyn import io
 from diffdyn import models
+from diffdyn import objective
+from diffdyn import sweep
 from diffdyn.errors import RunFailed, UserError
 
 log = logging.getLogger("diffdyn")
 
-NUM_LOSS_BINS = 10
-# Independent random streams, all derived from config.seed.
-_STREAMS = ("init", "train", "curvature", "probe_batch", "sample", "grid")
+NUM_LOSS_BINS = objective.NUM_LOSS_BINS
+CHUNK_RUNNERS = ("scan", "loop")
 
 
-def stream_keys(seed: int) -> dict[str, jax.Array]:
-  root = jax.random.PRNGKey(seed)
-  return {name: jax.random.fold_in(root, i) for i, name in enumerate(_STREAMS)}
+# ----------------------------------------------------------------------------------------------
+# The state and the step.
+# ----------------------------------------------------------------------------------------------
 
 
 @flax.struct.dataclass
@@ -55,10 +59,10 @@ class MetricSums:
 
   @classmethod
   def zeros(cls) -> "MetricSums":
-    return cls(loss=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32),
-               tbin_loss=jnp.zeros(NUM_LOSS_BINS, jnp.float32),
-               tbin_count=jnp.zeros(NUM_LOSS_BINS, jnp.int32), skipped=jnp.zeros((), jnp.int32),
-               first_bad_step=jnp.full((), -1, jnp.int32), bad_quantity=jnp.zeros((), jnp.int32))
+    return cls(loss=np.zeros((), np.float32), count=np.zeros((), np.int32),
+               tbin_loss=np.zeros(NUM_LOSS_BINS, np.float32),
+               tbin_count=np.zeros(NUM_LOSS_BINS, np.int32), skipped=np.zeros((), np.int32),
+               first_bad_step=np.full((), -1, np.int32), bad_quantity=np.zeros((), np.int32))
 
 
 @flax.struct.dataclass
@@ -71,65 +75,45 @@ class TrainState:
   sums: MetricSums
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch:
-  x0: jax.Array
-  t: jax.Array
-  noise: jax.Array
+@flax.struct.dataclass
+class Hyperparams:
+  """What may differ between the runs of one program, as arrays (a leading run axis if stacked)."""
+  loss_weights: jax.Array   # (T,) per-timestep loss weights
+  ema_decay: jax.Array      # () the EMA decay
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  lr = train_config.learning_rate
-  if train_config.warmup_steps > 0:
-    lr = optax.linear_schedule(0.0, lr, train_config.warmup_steps)
-  adam = optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2,
-                    eps=train_config.adam_eps)
-  if train_config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adam)
-  return adam
+def hyperparams_of(config, schedule: diffusion.Schedule) -> Hyperparams:
+  """A run's `Hyperparams` as host float32 arrays (computed in float64, then rounded)."""
+  weights = diffusion.loss_weight(schedule, config.loss.weighting, config.loss.minsnr_gamma,
+                                  config.diffusion.prediction)
+  return Hyperparams(loss_weights=np.asarray(weights, np.float32),
+                     ema_decay=np.float32(config.train.ema_decay))
 
 
-def compute_dtype(config) -> jnp.dtype:
-  return jnp.bfloat16 if config.train.precision == "bf16" else jnp.float32
+def optimizer_of(train_config) -> optax.GradientTransformation:
+  """`objective.make_optimizer` with a config's train settings."""
+  t = train_config
+  return objective.make_optimizer(t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                                  warmup_steps=t.warmup_steps, grad_clip_norm=t.grad_clip_norm)
 
 
-def create_train_state(config, model, tx) -> TrainState:
-  keys = stream_keys(config.seed)
-  params = models.init_params(model, keys["init"], config.model.image_size,
-                              config.model.channels)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+def compute_dtype(precision: str) -> jnp.dtype:
+  return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+def make_schedule(diffusion_config) -> diffusion.Schedule:
+  d = diffusion_config
+  return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def create_train_state(seed, learning_rate, *, model, tx, image_shape) -> TrainState:
+  """The step-0 state of the run `seed` (a Python int or a traced uint32, as under vmap)."""
+  keys = objective.stream_keys(seed)
+  params = models.init_params(model, keys["init"], image_shape[0], image_shape[2])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=objective.with_learning_rate(tx.init(params), learning_rate),
                     ema_params=jax.tree.map(jnp.copy, params), rng=keys["train"],
-                    sums=MetricSums.zeros())
-
-
-def draw_train_batch(rng: jax.Array, step: jax.Array, images: jax.Array, batch_size: int,
-                     num_timesteps: int, random_flip: bool) -> Batch:
-  """The batch of step `step`: images, timesteps and noise from fold_in(rng, step)."""
-  k_x, k_t, k_noise = jax.random.split(jax.random.fold_in(rng, step), 3)
-  x0 = data_lib.sample_batch(images, k_x, batch_size, random_flip)
-  t = jax.random.randint(k_t, (batch_size,), 0, num_timesteps)
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  return Batch(x0, t, noise)
-
-
-def get_per_example_loss_fn(config, model, schedule) -> Callable:
-  """(params, x0, t, noise, dropout_rng or None) -> unweighted per-example MSE of the target."""
-  prediction = config.diffusion.prediction
-
-  def per_example_loss(params, x0, t, noise, dropout_rng=None):
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
-    train = dropout_rng is not None
-    rngs = {"dropout": dropout_rng} if train else {}
-    out = model.apply({"params": params}, x_t, t, train=train, rngs=rngs)
-    target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
-    return diffusion.per_example_mse(out, target)
-
-  return per_example_loss
-
-
-def loss_weights(config, schedule) -> np.ndarray:
-  return diffusion.loss_weight(schedule, config.loss.weighting, config.loss.minsnr_gamma,
-                               config.diffusion.prediction)
+                    sums=jax.tree.map(jnp.asarray, MetricSums.zeros()))
 
 
 def _accumulate(sums: MetricSums, loss, per_example, t, num_timesteps, step, bad_loss,
@@ -146,40 +130,40 @@ def _accumulate(sums: MetricSums, loss, per_example, t, num_timesteps, step, bad
       bad_quantity=jnp.where(first_bad, jnp.where(bad_loss, 1, 2), sums.bad_quantity))
 
 
-def get_step_fn(config, model, schedule, tx, batch_sharding=None) -> Callable:
-  """(state, images, loss_weights, ema_new, ema_old) -> state after one optimizer step.
+def get_step_fn(model, schedule: diffusion.Schedule, tx: optax.GradientTransformation, *,
+                prediction: str, batch_size: int, random_flip: bool, ema_warmup: bool,
+                skip_nonfinite: bool, batch_sharding=None) -> Callable:
+  """(state, images, hyperparams) -> state after one optimizer step. Pure; the caller jits it.
 
-  The step of a run and of each replicate of a sweep, which passes its own per-timestep loss
-  weights (T,) and EMA coefficients (ema = ema_new * params + ema_old * ema) as arrays.
-  `batch_sharding` splits the batch over devices. Pure; the caller jits and scans it.
+  The step of a run and of each replicate of a sweep (which vmaps it): what differs between
+  replicates (loss weights, EMA decay, and the learning rate inside the optimizer state) are
+  arrays. `batch_sharding` splits the batch over devices.
   """
-  per_example_loss = get_per_example_loss_fn(config, model, schedule)
-  t_count = config.diffusion.num_timesteps
-  tc = config.train
+  per_example_loss = objective.get_per_example_loss_fn(model, schedule, prediction)
+  num_timesteps = schedule.num_timesteps
 
-  def weighted_loss(params, batch, dropout_rng, weights):
+  def loss_fn(params, batch, dropout_rng, weights):
     per_example = per_example_loss(params, batch.x0, batch.t, batch.noise, dropout_rng)
-    return jnp.mean(weights[batch.t] * per_example), per_example
+    return objective.weighted_loss(per_example, batch.t, weights), per_example
 
-  def step(state: TrainState, images: jax.Array, weights, ema_new, ema_old) -> TrainState:
-    batch = draw_train_batch(state.rng, state.step, images, tc.batch_size, t_count,
-                             config.data.random_flip)
+  def step(state: TrainState, images: jax.Array, hp: Hyperparams) -> TrainState:
+    keys = objective.step_keys(state.rng, state.step)
+    batch = objective.draw_batch(keys, images, batch_size, num_timesteps, random_flip)
     if batch_sharding is not None:
       split = functools.partial(jax.lax.with_sharding_constraint, shardings=batch_sharding)
-      batch = Batch(split(batch.x0), split(batch.t), split(batch.noise))
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-    (loss, per_example), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
-        state.params, batch, dropout_rng, weights)
+      batch = objective.Batch(split(batch.x0), split(batch.t), split(batch.noise))
+    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, keys.dropout, hp.loss_weights)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = jax.tree.map(lambda new, old: ema_new * new + ema_old * old, params,
-                              state.ema_params)
+    decay = objective.ema_decay_at(state.step, hp.ema_decay, ema_warmup)
+    ema_params = objective.update_ema(state.ema_params, params, decay)
     bad_loss = ~jnp.isfinite(loss)
-    bad_grad = ~jnp.isfinite(optax.global_norm(grads))
-    skip = jnp.logical_and(tc.skip_nonfinite_updates, bad_loss | bad_grad)
+    bad_grad = ~jnp.isfinite(optax.tree.norm(grads))
+    skip = jnp.logical_and(skip_nonfinite, bad_loss | bad_grad)
     keep_old = functools.partial(jax.tree.map, lambda old, new: jnp.where(skip, old, new))
     sums = _accumulate(state.sums, jnp.where(skip, 0.0, loss),
-                       jnp.where(skip, 0.0, per_example), batch.t, t_count, state.step,
+                       jnp.where(skip, 0.0, per_example), batch.t, num_timesteps, state.step,
                        bad_loss & ~skip, bad_grad & ~skip, skip)
     return state.replace(step=state.step + 1,
                          params=keep_old(state.params, params),
@@ -190,31 +174,69 @@ def get_step_fn(config, model, schedule, tx, batch_sharding=None) -> Callable:
   return step
 
 
-def get_train_step_fn(config, model, schedule, tx) -> Callable:
-  """(state, images) -> state after one optimizer step of the run `config` describes."""
-  step = get_step_fn(config, model, schedule, tx)
-  weights = jnp.asarray(loss_weights(config, schedule), jnp.float32)
-  ema_new = 1.0 - config.train.ema_decay
+def resolve_chunk_runner(name: str, backend: str | None = None) -> str:
+  """"scan" or "loop" for a `train.chunk_runner` setting ("auto": loop on the CPU, else scan).
 
-  def train_step(state: TrainState, images: jax.Array) -> TrainState:
-    return step(state, images, weights, ema_new, 1.0 - ema_new)
+  XLA:CPU runs the convolutions inside a loop body several times slower than the same
+  convolutions in a jitted step (2x at width 8 batch 4, 19x at width 16 batch 64 on two cores:
+  bench/chunk_runner.py); on a GPU one dispatch per chunk is what wins.
+  """
+  if name != "auto":
+    return name
+  return "loop" if (backend or jax.default_backend()) == "cpu" else "scan"
 
-  return train_step
 
+class ChunkRunner:
+  """Runs K steps of the jitted step: one `lax.scan` (one dispatch) or K dispatches in a loop.
 
-def get_train_scan_fn(train_step: Callable) -> Callable:
-  """(state, images, num_steps) -> state after num_steps steps in one lax.scan."""
+  Both donate the state, keep it on `state_sharding`, compile ahead of their first call (once
+  per chunk length for the scan, once for the loop) and count the seconds it took. Each is
+  deterministic, so a resumed run replays an uninterrupted one exactly under either; the two
+  may round differently from each other.
+  """
 
-  def train_scan(state, images, num_steps):
-    return jax.lax.scan(lambda s, _: (train_step(s, images), None), state, None,
-                        length=num_steps)[0]
+  def __init__(self, step: Callable, kind: str, state_sharding=None):
+    if kind not in CHUNK_RUNNERS:
+      raise ValueError(f"unknown chunk runner {kind!r}; expected one of {CHUNK_RUNNERS}")
+    self.kind = kind
+    self.step = step   # the pure step, (state, images, hyperparams) -> state
+    self._step = jax.jit(step, donate_argnums=0, out_shardings=state_sharding)
 
-  return jax.jit(train_scan, static_argnums=2, donate_argnums=0)
+    def scan(state, images, hp, num_steps):
+      return jax.lax.scan(lambda s, _: (step(s, images, hp), None), state, None,
+                          length=num_steps)[0]
+
+    self._scan = jax.jit(scan, static_argnums=3, donate_argnums=0, out_shardings=state_sharding)
+    self._compiled = {}
+    self.compile_seconds = 0.0
+
+  def compiled(self, state, images, hp, num_steps: int):
+    """The executable a chunk of `num_steps` runs (compiling it now if it is new)."""
+    key = num_steps if self.kind == "scan" else "step"
+    if key not in self._compiled:
+      start = time.monotonic()
+      if self.kind == "scan":
+        self._compiled[key] = self._scan.lower(state, images, hp, num_steps).compile()
+        what = f"the train scan of {num_steps} steps"
+      else:
+        self._compiled[key] = self._step.lower(state, images, hp).compile()
+        what = "the train step"
+      took = time.monotonic() - start
+      self.compile_seconds += took
+      log.info("compiled %s in %.1f s", what, took)
+    return self._compiled[key]
+
+  def __call__(self, state, images, hp, num_steps: int):
+    run = self.compiled(state, images, hp, num_steps)
+    if self.kind == "scan":
+      return run(state, images, hp)
+    for _ in range(num_steps):
+      state = run(state, images, hp)
+    return state
 
 
 def train_metrics(sums: MetricSums) -> dict[str, float]:
   """Host-side means of the sums: `train/loss` and the per-timestep-bin losses."""
-  sums = jax.device_get(sums)
   count = int(sums.count)
   out = {"train/loss": float(sums.loss / count) if count else float("nan")}
   for b in range(NUM_LOSS_BINS):
@@ -225,12 +247,84 @@ def train_metrics(sums: MetricSums) -> dict[str, float]:
   return out
 
 
-def check_finite(sums: MetricSums) -> None:
+def check_finite(sums: MetricSums, run_name: str | None = None) -> None:
   bad_step = int(sums.first_bad_step)
   if bad_step >= 0:
     what = "loss" if int(sums.bad_quantity) == 1 else "gradient"
-    raise RunFailed(f"non-finite {what} at step {bad_step + 1}; the last good checkpoint is kept "
-                    "as the latest (set train.skip_nonfinite_updates=True to skip such updates)")
+    where = f"replicate {run_name}: " if run_name else ""
+    raise RunFailed(f"{where}non-finite {what} at step {bad_step + 1}; the last good checkpoint "
+                    "is kept as the latest (set train.skip_nonfinite_updates=True to skip such "
+                    "updates)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The program: what a run (or R replicates) executes.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Program:
+  """The model, schedule, optimizer, per-run arrays and chunk runner of 1..R runs."""
+  replicas: sweep.Replicas
+  model: Any
+  schedule: diffusion.Schedule
+  tx: optax.GradientTransformation
+  hyperparams: Hyperparams     # on the device, stacked like the state
+  runner: ChunkRunner
+  _init: Callable
+  _init_args: tuple
+  init_compile_seconds: float = 0.0
+
+  def init_state(self) -> TrainState:
+    """Every run's step-0 state, in one compiled program (found in the compilation cache).
+
+    One program rather than the hundreds of small dispatches of an eager init; the seconds
+    its compile took are in `init_compile_seconds`.
+    """
+    start = time.monotonic()
+    compiled = self._init.lower(*self._init_args).compile()
+    self.init_compile_seconds = time.monotonic() - start
+    return compiled(*self._init_args)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state: all a restore needs."""
+    shapes = jax.eval_shape(self._init, *self._init_args)
+    sharding = self.replicas.state_sharding
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes)
+
+  def zero_sums(self) -> MetricSums:
+    return self.replicas.stack([MetricSums.zeros()] * self.replicas.size)
+
+  def with_config_learning_rates(self, state: TrainState) -> TrainState:
+    """`state` with each run's learning rate from its config (a resumed run may change it)."""
+    rates = self.replicas.stack([np.float32(r.config.train.learning_rate)
+                                 for r in self.replicas.runs])
+    return state.replace(opt_state=objective.with_learning_rate(state.opt_state, rates))
+
+
+def build_program(config, replicas: sweep.Replicas) -> Program:
+  """The program of a validated config's runs (`sweep.get_replicas`)."""
+  tc = config.train
+  model = models.get_model(config.model, compute_dtype(tc.precision))
+  schedule = make_schedule(config.diffusion)
+  tx = optimizer_of(tc)
+  step = get_step_fn(model, schedule, tx, prediction=config.diffusion.prediction,
+                     batch_size=tc.batch_size, random_flip=config.data.random_flip,
+                     ema_warmup=tc.ema_warmup, skip_nonfinite=tc.skip_nonfinite_updates,
+                     batch_sharding=replicas.placement.batch)
+  runner = ChunkRunner(replicas.vmap(step, in_axes=(0, None, 0)),
+                       resolve_chunk_runner(tc.chunk_runner), replicas.state_sharding)
+  runs = [r.config for r in replicas.runs]
+  hyperparams = replicas.stack([hyperparams_of(c, schedule) for c in runs])
+  m = config.model
+  init = functools.partial(create_train_state, model=model, tx=tx,
+                           image_shape=(m.image_size, m.image_size, m.channels))
+  init_args = (replicas.stack([np.uint32(c.seed) for c in runs]),
+               replicas.stack([np.float32(c.train.learning_rate) for c in runs]))
+  jitted_init = jax.jit(replicas.vmap(init, in_axes=(0, 0)),
+                        out_shardings=replicas.state_sharding)
+  return Program(replicas, model, schedule, tx, hyperparams, runner, jitted_init, init_args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,234 +354,285 @@ def next_event_step(config, step: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Stopping on request.
+# ----------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+  """Set by SIGTERM (preemption) or a first Ctrl-C: the loop checkpoints where it is and returns.
+
+  A second Ctrl-C restores Python's default and interrupts at once (KeyboardInterrupt).
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      log.warning("Ctrl-C: stopping after the current chunk with a checkpoint (Ctrl-C again "
+                  "to stop at once, losing the steps since the last checkpoint)")
+
+  def uninstall(self) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+# ----------------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------------
 
 
-def config_to_dict(config) -> dict:
-  return ml_collections.ConfigDict(config).to_dict()
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
+                       keep_damaged_metrics: bool = False, evaluators: dict | None = None,
+                       devices=None, split: str = "auto") -> dict:
+  """Trains (or resumes) the run, or every replicate of the sweep, in `workdir`.
+
+  Args:
+    config: an experiment config; `config.sweep` may ask for replicates (see sweep.py).
+    workdir: the run's directory; a sweep's replicates go to `workdir/<replicate name>/`.
+    allow_config_change: resume a run whose config differs in ways that keep the state's
+      structure (a learning rate, the steps, evaluation settings); the change is logged and
+      kept in `config_history.jsonl`.
+    keep_damaged_metrics: resume past a damaged metrics.jsonl, keeping a copy of it aside.
+    evaluators: {name: evaluator} replacing the default curvature/samples evaluators.
+    devices, split: where a sweep runs and what it splits over them (see sweep.plan_placement).
+
+  Returns:
+    The last value of every metric and "step"; a sweep's keys are "<metric>[<replicate>]".
+    After SIGTERM or Ctrl-C the run stops at the end of the current chunk with a checkpoint
+    there; "step" is then short of `total_steps` and "interrupted" names the signal.
+  """
+  sweep.maybe_initialize_distributed()
+  io.ensure_logging()
+  config = config_lib.validate(config)
+  clock = io.Clock()
+  stop = StopRequest()
+  stop.install()   # from here on, a SIGTERM or Ctrl-C during setup also ends the run cleanly
+  try:
+    with contextlib.ExitStack() as closing:
+      run = _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluators,
+                    devices, split, clock, closing)
+      return _event_loop(config, run, stop, clock)
+  finally:
+    stop.uninstall()
 
 
-# Keys that may change between a run and its resume without --allow_config_change.
-RESUMABLE_CHANGES = ("train.total_steps", "train.tensorboard")   # neither changes a number
+@dataclasses.dataclass
+class _Run:
+  """Everything the event loop needs, set up and checked."""
+  program: Program
+  state: TrainState
+  images: jax.Array
+  evaluators: dict
+  infos: list            # evaluate.RunInfo per run
+  writers: list          # io.MetricWriter per run
+  checkpoints: io.Checkpoints
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-  diffs = []
-  for key in sorted(set(old) | set(new)):
-    path = prefix + key
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      diffs += config_differences(a, b, path + ".")
-    elif _normalise(a) != _normalise(b) and path not in RESUMABLE_CHANGES:
-      diffs.append(f"{path}: {a!r} -> {b!r}")
-  return diffs
+def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluators, devices,
+            split, clock: io.Clock, closing: contextlib.ExitStack) -> _Run:
+  """Checks every input, restores or creates the state, then opens the run's files.
+
+  Nothing is written into `workdir` until every check has passed: a bad input, a checkpoint
+  of another structure or damaged metrics leave an existing run byte for byte as it was.
+  """
+  with clock.phase("setup"):
+    if not jax.config.jax_compilation_cache_dir:
+      io.enable_compilation_cache()
+    replicas = sweep.get_replicas(config, workdir, devices, split)
+    if replicas.stacked:
+      log.info("sweep of %d replicates on %d devices (split: %s)", replicas.size,
+               replicas.placement.mesh.size, replicas.placement.split)
+    writes = jax.process_index() == 0
+    changes = check_resume_config(workdir, config, allow_config_change)
+    handlers = evaluate.get_evaluators(config) if evaluators is None else evaluators
+    for handler in handlers.values():
+      handler.check(config)
+    images_host = data_lib.load_images(config.data)
+    if writes:
+      io.check_writable(workdir)
+    program = build_program(config, replicas)
+    images = sweep.put(images_host, replicas.placement.replicated)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    state, meta, resumed_at, damaged = _restore(program, ckpt_dir, config, workdir)
+    clock.compiled("init", program.init_compile_seconds, phase="setup")
+    step = int(sweep.fetch(state.step).reshape(-1)[0])
+
+    # Every check has passed: from here on the run writes.
+    if writes:
+      if changes:
+        log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
+      io.write_config_json(workdir, config_lib.to_dict(config))
+      if replicas.stacked:
+        for r, run_dir in zip(replicas.runs, replicas.run_dirs):
+          os.makedirs(run_dir, exist_ok=True)
+          io.write_config_json(run_dir, config_lib.to_dict(r.config))
+    checkpoints = io.Checkpoints(ckpt_dir, config.train.keep_checkpoints)
+    closing.callback(checkpoints.close)
+    for bad_step, why in damaged:
+      kept_at = checkpoints.move_aside(bad_step)
+      log.warning("checkpoint at step %d in %s does not restore (%s); moved it to %s and "
+                  "falling back to the one before it", bad_step, ckpt_dir, why, kept_at)
+    if resumed_at is not None:
+      log.info("resumed %s at step %d", workdir, step)
+    writers = [io.MetricWriter(run_dir, resume_step=step, wall_time_offset=meta["wall_time"],
+                               tensorboard=config.train.tensorboard, enabled=writes)
+               for run_dir in replicas.run_dirs]
+    for writer in writers:
+      closing.callback(writer.close)
+      closing.callback(writer.flush)   # callbacks run last-in first-out: flush, then close
+    setup = evaluate.Setup(program.model, program.schedule, images)
+    for handler in handlers.values():
+      handler.setup(setup)
+  infos = [evaluate.RunInfo.of(r.name if replicas.stacked else r.config.name, r.config)
+           for r in replicas.runs]
+  return _Run(program, state, images, handlers, infos, writers, checkpoints)
 
 
-def _normalise(v):
-  return list(v) if isinstance(v, tuple) else v
-
-
-def check_resume_config(workdir: str, config, allow_config_change: bool) -> None:
+def check_resume_config(workdir: str, config, allow_config_change: bool) -> list[str]:
+  """The differences from the config `workdir` last ran with; refused unless allowed."""
   old = io.read_config_json(workdir)
   if old is None:
-    return
-  diffs = config_differences(old, config_to_dict(config))
+    return []
+  diffs = config_lib.differences(old, config_lib.to_dict(config))
   if diffs and not allow_config_change:
     raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use "
                     "another --workdir, or pass --allow_config_change to resume it anyway")
+  return diffs
 
 
-class PreemptionFlag:
-  """Set by SIGTERM: the loop then checkpoints at the current step and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def install(self) -> None:
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class CompiledScans:
-  """The train scan compiled once per chunk length, with compile time kept apart from run time."""
-
-  def __init__(self, scan_fn):
-    self._scan_fn = scan_fn
-    self._compiled = {}
-    self.compile_seconds = 0.0
-
-  def __call__(self, state, images, num_steps):
-    if num_steps not in self._compiled:
-      start = time.monotonic()
-      self._compiled[num_steps] = self._scan_fn.lower(state, images, num_steps).compile()
-      took = time.monotonic() - start
-      self.compile_seconds += took
-      log.info("compiled the train scan of %d steps in %.1f s", num_steps, took)
-    return self._compiled[num_steps](state, images)
-
-
-def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
-                       evaluators: dict | None = None) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir` to `config.train.total_steps`; returns final metrics.
-
-  `evaluators` replaces the default event handlers (curvature, samples/FID) by name; tests
-  and notebooks use it to add or stub out work at events. After a SIGTERM the run stops at the
-  end of the current chunk with a checkpoint there, and the returned "step" is short of
-  `total_steps`; running it again resumes.
-  """
-  config = config_lib.validate(config)
-  check_resume_config(workdir, config, allow_config_change)
-  if not jax.config.jax_compilation_cache_dir:
-    io.enable_compilation_cache()
-  preempt = PreemptionFlag()
-  preempt.install()   # from here on, a SIGTERM during setup also ends the run cleanly
+def _restore(program: Program, ckpt_dir: str, config, workdir: str):
+  """(state, meta, restored step or None, [(damaged step, why)]) without writing anything."""
+  if not os.path.isdir(ckpt_dir):
+    return program.init_state(), {"wall_time": 0.0}, None, []
+  reader = io.Checkpoints(ckpt_dir, read_only=True)
   try:
-    return _train(config, workdir, evaluators, preempt)
+    found = reader.restore_latest(program.abstract_state())
+  except io.StructureMismatch as e:
+    old = io.read_config_json(workdir) or {}
+    changed = config_lib.differences(old, config_lib.to_dict(config))
+    keys = f" (config changes: {'; '.join(changed)})" if changed else ""
+    raise UserError(f"the checkpoints in {ckpt_dir} hold a train state of another structure "
+                    f"than this config builds: {e}{keys}; such a run cannot be resumed, even "
+                    "with --allow_config_change: start it in a new --workdir") from None
   finally:
-    preempt.uninstall()
+    reader.close()
+  damaged = [(step, why) for step, why in reader.restore_failures]
+  if found is None:
+    if damaged:
+      listing = "; ".join(f"step {s}: {why}" for s, why in damaged)
+      raise RunFailed(f"no checkpoint in {ckpt_dir} restores ({listing}); nothing was changed: "
+                      "restore the checkpoints from a copy, or start the run in a new --workdir")
+    return program.init_state(), {"wall_time": 0.0}, None, []
+  state, meta, step = found
+  state = program.with_config_learning_rates(state)
+  return state, meta, step, damaged
 
 
-def _train(config, workdir: str, evaluators: dict | None, preempt: PreemptionFlag) -> dict:
-  """Sets the run up from `workdir` (restoring the latest checkpoint) and runs the event loop."""
-  # Every input is checked before the workdir is touched, so bad input leaves nothing behind.
-  handlers = default_evaluators(config) if evaluators is None else evaluators
-  for handler in handlers.values():
-    handler.prepare(config, workdir)
-  images = jax.device_put(data_lib.load_images(config.data))
-  io.check_writable(workdir)
-  model = models.get_model(config.model, compute_dtype(config))
-  schedule = make_schedule(config)
-  tx = make_optimizer(config.train)
-
-  io.write_config_json(workdir, config_to_dict(config))
-  ckpts = io.Checkpoints(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  with _closed_after(ckpts.close):
-    state, meta = _initial_state(config, model, tx, ckpts, workdir)
-    writer = io.MetricWriter(workdir, resume_step=int(state.step),
-                             wall_time_offset=meta["wall_time"],
-                             tensorboard=config.train.tensorboard)
-    with _closed_after(writer.flush, writer.close):
-      context = RunContext(config=config, workdir=workdir, model=model, schedule=schedule,
-                           images=images, writer=writer)
-      for handler in handlers.values():
-        handler.start(context)
-      scans = CompiledScans(get_train_scan_fn(get_train_step_fn(config, model, schedule, tx)))
-      return _event_loop(config, state, images, scans, handlers, writer, ckpts, preempt)
-
-
-def _initial_state(config, model, tx, ckpts: io.Checkpoints, workdir: str):
-  """(state, meta) of the latest checkpoint that restores, else of a fresh run."""
-  init = functools.partial(create_train_state, config, model, tx)
-  if ckpts.steps():
-    # Shapes are all a restore needs; computing real initial parameters only to overwrite
-    # them would cost every resume seconds (tens on a CPU).
-    restored = ckpts.restore_latest(jax.eval_shape(init))
-    if restored is not None:
-      state, meta, step = restored
-      log.info("resumed %s at step %d", workdir, step)
-      return state, meta
-  # One compiled program, found in the compilation cache by later runs, instead of the
-  # hundreds of small dispatches of an eager init. Committed to the device like a restored
-  # state, so that fresh and resumed runs share their compiled train scans and evaluations.
-  return jax.device_put(jax.jit(init)(), jax.devices()[0]), {"wall_time": 0.0}
-
-
-def _event_loop(config, state: TrainState, images, scans: CompiledScans, handlers: dict,
-                writer: io.MetricWriter, ckpts: io.Checkpoints,
-                preempt: PreemptionFlag) -> dict:
-  """Scans to each event step, writes all of that step's metrics, then checkpoints it.
+def _event_loop(config, run: _Run, stop: StopRequest, clock: io.Clock) -> dict:
+  """Runs to each event step, writes all of that step's metrics, then checkpoints it.
 
   Writes come before the checkpoint, so a run killed between the two resumes from an earlier
   checkpoint: the writer drops the step's partial lines and every evaluation is redone.
   """
-  step = int(state.step)
-  progress = io.Progress(config.train.total_steps, use_clu=config.train.tensorboard)
-  final = {}
-  run_start, run_steps, run_seconds = time.monotonic(), 0, 0.0
-  while step < config.train.total_steps and not preempt.requested:
-    target = next_event_step(config, step)
-    log.debug("training steps %d to %d", step, target)
-    chunk_start = time.monotonic()
-    compile_before = scans.compile_seconds
-    state = scans(state, images, target - step)
-    check_finite(state.sums)
-    run_seconds += time.monotonic() - chunk_start - (scans.compile_seconds - compile_before)
-    run_steps += target - step
-    step = target
-    steps_per_sec = run_steps / run_seconds if run_seconds > 0 else float("nan")
-    progress(step, steps_per_sec)
-    events = due_events(config, step)
-    if "log" in events:
-      scalars = train_metrics(state.sums)
-      scalars[io.TIMING_PREFIX + "steps_per_sec"] = steps_per_sec
-      scalars[io.TIMING_PREFIX + "compile_seconds"] = scans.compile_seconds
-      writer.write_scalars(step, scalars)
-      final.update(scalars)
-      state = state.replace(sums=MetricSums.zeros())
-    for name, handler in handlers.items():
-      if handler.due(events):
-        log.debug("running %s at step %d", name, step)
-        final.update(handler(state, step, events))
-    if "checkpoint" in events or preempt.requested:
-      writer.flush()
-      ckpts.save(step, state, {"wall_time": writer.wall_time})
-  if preempt.requested:
-    log.warning("SIGTERM: stopped at step %d; run the same command to resume from the latest "
-                "checkpoint", step)
-  log.info("done at step %d: %.1f s compiling, %.1f s running (%.1f steps/s) of %.1f s",
-           step, scans.compile_seconds, run_seconds,
-           run_steps / run_seconds if run_seconds else float("nan"),
-           time.monotonic() - run_start)
-  final["step"] = step
-  return final
+  program, replicas = run.program, run.program.replicas
+  state = run.state
+  step = int(sweep.fetch(state.step).reshape(-1)[0])
+  total = config.train.total_steps
+  take = replicas.take_fn()
+  progress = io.Progress(total, replicates=replicas.size)
+  final = [{} for _ in replicas.runs]
+  run_steps, train_seconds = 0, 0.0
+  with progress:
+    while step < total and not stop.requested:
+      target = next_event_step(config, step)
+      log.debug("training steps %d to %d", step, target)
+      compiled_before = program.runner.compile_seconds
+      with clock.phase("train") as phase:
+        progress.set_phase("training" if compiled_before or program.runner.kind == "loop"
+                           else "compiling the train program")
+        state = program.runner(state, run.images, program.hyperparams, target - step)
+        sums = replicas.unstack(sweep.fetch(state.sums))   # waits for the chunk
+      compiled = program.runner.compile_seconds - compiled_before
+      clock.compiled("train", compiled)
+      for r, s in zip(replicas.runs, sums):
+        check_finite(s, r.name if replicas.stacked else None)
+      train_seconds += phase.seconds - compiled
+      run_steps += target - step
+      step = target
+      steps_per_sec = run_steps / train_seconds if train_seconds > 0 else float("nan")
+      progress.report(step, steps_per_sec)
+      events = due_events(config, step)
+      if "log" in events:
+        with clock.phase("writes"):
+          for i, writer in enumerate(run.writers):
+            scalars = train_metrics(sums[i])
+            scalars["time/steps_per_sec"] = steps_per_sec
+            scalars["time/compile_seconds"] = clock.total_compile()
+            if replicas.stacked:
+              scalars["time/replicates"] = replicas.size
+            writer.write_scalars(step, scalars)
+            final[i].update(scalars)
+        state = state.replace(sums=program.zero_sums())
+      due = [(name, h) for name, h in run.evaluators.items() if h.due(events)]
+      for i in range(replicas.size if due else 0):
+        view = take(state, i)
+        for name, handler in due:
+          log.debug("running %s at step %d", name, step)
+          progress.set_phase(f"{name} at step {step}")
+          with clock.phase(name):
+            result = handler(view, step, events, run.infos[i])
+          for program_name, seconds in result.compile_seconds.items():
+            clock.compiled(program_name, seconds, phase=name)
+          with clock.phase("writes"):
+            _write_result(run.writers[i], replicas.run_dirs[i], step, result)
+          final[i].update(result.scalars)
+      if "checkpoint" in events or stop.requested:
+        progress.set_phase(f"saving the checkpoint of step {step}")
+        with clock.phase("checkpoints"):
+          for writer in run.writers:
+            writer.flush()
+          run.checkpoints.save(step, state, {"wall_time": run.writers[0].wall_time})
+  if stop.requested:
+    log.warning("%s: stopped at step %d with a checkpoint; run the same command to resume",
+                stop.signal_name, step)
+  log.info("done at step %d: %s", step, clock.summary())
+  return _final_metrics(replicas, final, step, stop)
 
 
-@contextlib.contextmanager
-def _closed_after(*closers: Callable[[], None]):
-  """Calls `closers` when the block exits.
-
-  If the block raised, a closer's own failure (a flush on a full disk, say) is logged rather
-  than raised, so the error reported is the one that stopped the run.
-  """
-  try:
-    yield
-  except BaseException:
-    for close in closers:
-      try:
-        close()
-      except Exception as e:  # pylint: disable=broad-except
-        log.warning("while stopping: %s: %s", type(e).__name__, e)
-    raise
-  for close in closers:
-    close()
+def _write_result(writer: io.MetricWriter, run_dir: str, step: int,
+                  result: evaluate.Result) -> None:
+  if result.scalars:
+    writer.write_scalars(step, result.scalars)
+  for folder, image in result.images.items():
+    io.save_png(os.path.join(run_dir, folder, f"step_{step:06d}.png"), image)
+    writer.write_images(step, {f"{folder}/grid": image[None]})
+  for folder, arrays in result.arrays.items():
+    io.save_npz(os.path.join(run_dir, folder, f"step_{step:06d}.npz"), arrays)
 
 
-def make_schedule(config) -> diffusion.Schedule:
-  d = config.diffusion
-  return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-
-
-@dataclasses.dataclass
-class RunContext:
-  config: Any
-  workdir: str
-  model: Any
-  schedule: diffusion.Schedule
-  images: jax.Array
-  writer: io.MetricWriter
-
-
-def default_evaluators(config) -> dict:
-  """The event handlers a config asks for, by name (see `evaluate.py`)."""
-  from diffdyn import evaluate  # pylint: disable=import-outside-toplevel
-  return evaluate.get_evaluators(config)
+def _final_metrics(replicas: sweep.Replicas, final: list, step: int, stop: StopRequest) -> dict:
+  if replicas.stacked:
+    out = {f"{key}[{r.name}]": value for r, metrics in zip(replicas.runs, final)
+           for key, value in metrics.items()}
+  else:
+    out = dict(final[0])
+  out["step"] = step
+  if stop.requested:
+    out["interrupted"] = stop.signal_name
+  return out

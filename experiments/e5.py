@@ -10,4 +10,5 @@ def get_config():
   config.name = "e5"
   config.curvature.enabled = True
   config.curvature.objective = "both"
+  config.curvature.params = "both"   # EMA curvature pairs with FID, which samples the EMA
   return config

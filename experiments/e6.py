@@ -12,4 +12,5 @@ def get_config():
   config.loss.minsnr_gamma = 5.0
   config.curvature.enabled = True
   config.curvature.objective = "both"
+  config.curvature.params = "both"   # EMA curvature pairs with FID, which samples the EMA
   return config

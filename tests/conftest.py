@@ -1,4 +1,5 @@
 """Test setup: the repo root on sys.path (for `experiments`), quiet logs, a shared compile cache."""
+import hashlib
 import logging
 import os
 import sys
@@ -11,6 +12,12 @@ if ROOT not in sys.path:
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: kills, multi-device runs and long samplers; `pytest -m 'not slow'` skips "
+      "them for a quick loop (CI runs everything)")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +44,16 @@ def run_launch(args, cache, timeout=600):
   env = dict(os.environ, DIFFDYN_CACHE=cache, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(directory):
+  """{relative path: (size, mtime_ns, sha1)} of every file under `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()
+      stat = os.stat(path)
+      out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns, digest)
+  return out

@@ -46,6 +46,11 @@ BAD = [
     ("model.dropout", 1.5, ["model.dropout", "[0, 1)"]),
     ("train.learning_rate", float("nan"), ["train.learning_rate", "finite"]),
     ("curvature.enabled", 1, ["curvature.enabled", "bool"]),
+    ("eval.eta", 1.5, ["eval.eta", "[0, 1]"]),
+    ("eval.grid_eta", -0.1, ["eval.grid_eta", "[0, 1]"]),
+    ("curvature.params", "average", ["curvature.params", "'ema'"]),
+    ("train.chunk_runner", "while", ["train.chunk_runner", "'scan'", "'loop'"]),
+    ("eval.grid_upscale", 0, ["eval.grid_upscale", "integer > 0"]),
 ]
 
 
@@ -87,3 +92,29 @@ def test_inconsistent_values_are_caught():
   config.model.image_size = 30
   with pytest.raises(UserError, match="image_size"):
     config_lib.validate(config)
+
+
+def _with(**values):
+  config = base.get_config()
+  for path, value in values.items():
+    section, field = path.split("__")
+    config[section][field] = value
+  return config
+
+
+@pytest.mark.parametrize("values,words", [
+    # linspace keeps t = 0 and t = T-1, so one network evaluation cannot run it.
+    ({"eval__nfe": 1}, ["eval.sampler", "eval.nfe=1", "nfe >= 2"]),
+    ({"eval__grid_nfe": 1}, ["eval.grid_sampler", "eval.grid_nfe=1", "nfe >= 2"]),
+    # Hutch++ splits its budget into a sketch, its basis and residual probes: 3 at least.
+    ({"curvature__enabled": True, "curvature__estimator": "hutch++", "curvature__num_probes": 2},
+     ["curvature.num_probes", ">= 3", "hutch++"]),
+])
+def test_values_that_would_fail_at_the_first_evaluation_fail_at_once(values, words):
+  with pytest.raises(UserError) as err:
+    config_lib.validate(_with(**values))
+  for word in words:
+    assert word in str(err.value), str(err.value)
+  # The same settings with a spacing that keeps a single step are fine.
+  if "eval__nfe" in values:
+    config_lib.validate(_with(**values, eval__spacing="leading"))

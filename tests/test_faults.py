@@ -11,7 +11,6 @@ fake filesystem layer or a poisoned checkpoint, where launches would only add st
 """
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,9 @@ import pytest
 from conftest import ROOT
 from conftest import assert_one_line_error
 from conftest import run_launch
+from conftest import snapshot
 from diffdyn import io
+from diffdyn import sweep
 from diffdyn import train
 from diffdyn.fid import weights as fid_weights
 from experiments import smoke
@@ -105,19 +106,6 @@ def assert_same_run(workdir, reference):
   final = checkpoint_steps(reference)[-1]
   assert checkpoint_steps(workdir)[-1] == final
   assert_same_checkpoint(workdir, reference, final)
-
-
-def snapshot(directory):
-  """{relative path: (size, mtime_ns, sha1)} of every file under `directory`."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()
-      stat = os.stat(path)
-      out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns, digest)
-  return out
 
 
 def copy_run(source, tmp_path, name="run"):
@@ -269,8 +257,8 @@ INTERRUPTIONS = [
     Interruption("the train scan", line=r"training steps 30 to 40", max_delay=0.5),
     Interruption("a metrics write", line=r"writing metrics at step 40", max_delay=0.01),
     Interruption("a curvature measurement", line=r"running curvature at step 40", max_delay=2.0),
-    # The grid is written just before the FID samples are drawn.
-    Interruption("a FID evaluation", appears="samples/step_000040.png", max_delay=1.0),
+    # The final evaluation draws two grids (EMA and raw params), then the FID samples.
+    Interruption("a FID evaluation", line=r"running samples at step 40", max_delay=3.0),
     Interruption("a checkpoint save", line=r"saving checkpoint at step 40", max_delay=0.05),
 ]
 KILL_SEED = 7
@@ -303,6 +291,25 @@ def test_killed_anywhere_the_same_command_finishes_the_same_run(reference_run, t
     grid = f.read()
   with open(os.path.join(reference_run, "samples", "step_000040.png"), "rb") as f:
     assert grid == f.read()
+
+
+def test_ctrl_c_checkpoints_exits_130_and_the_same_command_finishes_the_run(
+    cheap_reference, tmp_path, cache_dir):
+  workdir = str(tmp_path / "run")
+  args = [*SMOKE, *CHEAP_ARGS, "--log_level=debug", f"--workdir={workdir}"]
+  rc, stderr = launch_and_interrupt(
+      args, cache_dir, workdir,
+      Interruption("Ctrl-C", line=r"training steps 0 to 10", max_delay=0.2,
+                   signal=signal.SIGINT), random.Random(KILL_SEED))
+  assert rc == 130, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+  assert lines == ["interrupted at step 10 of 40 (Ctrl-C), with a checkpoint there; run the "
+                   "same command to resume"], stderr[-3000:]
+  assert checkpoint_steps(workdir) == [10]
+  rc, stderr = launch(args, cache_dir)
+  assert rc == 0, stderr[-3000:]
+  assert_same_run(workdir, cheap_reference)
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
@@ -483,9 +490,7 @@ def poison_latest_checkpoint(workdir):
   The values are finite, so the checkpoint restores; the next forward pass overflows.
   """
   config = cheap_config()
-  model = train.models.get_model(config.model)
-  tx = train.make_optimizer(config.train)
-  template = jax.eval_shape(lambda: train.create_train_state(config, model, tx))
+  template = train.build_program(config, sweep.get_replicas(config, workdir)).abstract_state()
   ckpts = io.Checkpoints(os.path.join(workdir, "checkpoints"), keep=3)
   state, meta, step = ckpts.restore_latest(template)
   diverged = state.replace(params=jax.tree.map(lambda p: p * 1e30, state.params))
@@ -633,19 +638,24 @@ def _can_mount_tmpfs():
 
 
 def test_disk_full_on_a_real_small_filesystem(cheap_reference, tmp_path, cache_dir):
-  """A tmpfs with room for one checkpoint: the second fails for real, then space comes back."""
+  """A tmpfs that fills up during the second checkpoint, for real; then space comes back.
+
+  The room is measured inside the same filesystem, not taken from another run: the run goes to
+  its first checkpoint on a roomy tmpfs, which is then shrunk to what is used plus half a
+  checkpoint. The rest of the run (a few metrics lines and grids, kilobytes) fits; the second
+  checkpoint cannot, whatever a checkpoint weighs on this machine.
+  """
   if not _can_mount_tmpfs():
     pytest.skip("mounting a tmpfs needs user namespaces (unshare), unavailable here")
-  one_checkpoint = sum(os.path.getsize(os.path.join(root, name))
-                       for root, _, names in os.walk(os.path.join(cheap_reference,
-                                                                  "checkpoints", "20"))
-                       for name in names)
   mount, out = tmp_path / "mnt", tmp_path / "out"
   mount.mkdir()
   launch_cmd = shlex.join([sys.executable, os.path.join(ROOT, "launch.py"), *SMOKE, *CHEAP_ARGS,
-                         f"--workdir={mount}/run"])
+                           f"--workdir={mount}/run"])
   script = "\n".join([
-      f"mount -t tmpfs -o size={int(one_checkpoint * 1.5) // 1024}k tmpfs {mount}",
+      f"mount -t tmpfs -o size=64m tmpfs {mount}",
+      f"{launch_cmd} --config.train.total_steps=20 2> {out}/first.log; echo $? > {out}/first.rc",
+      f"used=$(du -sk {mount} | cut -f1); one=$(du -sk {mount}/run/checkpoints/20 | cut -f1)",
+      f"mount -o remount,size=$((used + one / 2 + 4))k {mount}",
       f"{launch_cmd} 2> {out}/full.log; echo $? > {out}/full.rc",
       f"cp -a {mount}/run {out}/after_full",
       f"mount -o remount,size=64m {mount}",
@@ -654,7 +664,8 @@ def test_disk_full_on_a_real_small_filesystem(cheap_reference, tmp_path, cache_d
   ])
   out.mkdir()
   subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                 cwd=ROOT, env=child_env(cache_dir), check=True, timeout=2 * LAUNCH_TIMEOUT)
+                 cwd=ROOT, env=child_env(cache_dir), check=True, timeout=3 * LAUNCH_TIMEOUT)
+  assert (out / "first.rc").read_text().strip() == "0", (out / "first.log").read_text()[-3000:]
   full_log = (out / "full.log").read_text()
   assert (out / "full.rc").read_text().strip() == "3", full_log[-3000:]
   errors = [line for line in full_log.splitlines() if line.startswith("error:")]

@@ -31,7 +31,7 @@ TINY = {
     "train.checkpoint_every_steps": 2, "curvature.enabled": False, "curvature.every_steps": 2,
     "curvature.num_probes": 2, "curvature.batch_size": 2, "curvature.objective": "train",
     "eval.fid_every_steps": 4, "eval.grid_num_samples": 2, "eval.grid_nfe": 2,
-    "eval.sample_batch_size": 2,
+    "eval.sample_batch_size": 2, "train.tensorboard": False,
 }
 # Replicate i of a sweep runs batched convolutions where the single run runs unbatched ones;
 # XLA may round those differently, so losses are held to float32 rounding over a few steps
@@ -97,7 +97,7 @@ def seed_sweep(tmp_path_factory, cache_dir):
   previous = logging.getLogger("diffdyn").level
   logging.getLogger("diffdyn").setLevel(logging.INFO)
   try:
-    sweep.train_and_evaluate_sweep(
+    train.train_and_evaluate(
         tiny_config(**{"sweep.seeds": 2, "curvature.enabled": True}), workdir)
   finally:
     logging.getLogger("diffdyn").removeHandler(handler)
@@ -123,23 +123,33 @@ def test_replicates_are_the_grid_of_seeds_and_variants():
     sweep.replicates(tiny_config(**{"sweep.seed_list": (7, 3), "sweep.seeds": 3}))
 
 
+def _program(config):
+  return train.build_program(config, sweep.get_replicas(config, "/nonexistent",
+                                                        jax.devices()[:1]))
+
+
 def test_variants_enter_the_program_as_arrays():
   grid = tiny_config(**{"sweep.learning_rate": (1e-4, 3e-4), "sweep.ema_decay": (0.9, 0.999)})
-  configs = [r.config for r in sweep.replicates(grid)]
-  hyperparams = sweep.stacked_hyperparams(configs, train.make_schedule(grid))
-  np.testing.assert_allclose(hyperparams.ema_new, [0.1, 0.001, 0.1, 0.001], rtol=1e-6)
-  np.testing.assert_allclose(hyperparams.ema_old, [0.9, 0.999, 0.9, 0.999], rtol=1e-6)
+  program = _program(grid)
+  hyperparams = jax.device_get(program.hyperparams)
+  np.testing.assert_allclose(hyperparams.ema_decay, [0.9, 0.999, 0.9, 0.999], rtol=1e-6)
   assert hyperparams.loss_weights.shape == (4, grid.diffusion.num_timesteps)
   # The learning rate lives in each replicate's optimizer state; one seed, one init.
-  config = tiny_config(**{"sweep.learning_rate": (1e-4, 3e-4)})
-  configs = [r.config for r in sweep.replicates(config)]
-  placement = sweep.plan_placement(len(configs), 4, jax.devices()[:1])
-  state = sweep.init_states(configs, train.models.get_model(config.model),
-                            sweep.make_sweep_optimizer(config.train), placement.per_replicate)
-  np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"], [1e-4, 3e-4],
-                             rtol=1e-6)
+  state = program.init_state()
+  np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"],
+                             [1e-4, 1e-4, 3e-4, 3e-4], rtol=1e-6)
   for leaf in jax.tree.leaves(state.params):
-    np.testing.assert_array_equal(leaf[0], leaf[1])
+    np.testing.assert_array_equal(leaf[0], leaf[2])
+
+
+def test_a_single_run_is_unstacked_and_a_sweep_of_one_seed_is_stacked():
+  single = _program(tiny_config())
+  assert not single.replicas.stacked and single.replicas.run_dirs == ("/nonexistent",)
+  one_seed = _program(tiny_config(**{"sweep.seed_list": (1077,)}))
+  assert one_seed.replicas.stacked
+  assert one_seed.replicas.run_dirs == ("/nonexistent/smoke_seed1077",)
+  a, b = single.abstract_state(), one_seed.abstract_state()
+  assert all(y.shape == (1, *x.shape) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_replicate_follows_the_single_run_and_seeds_differ(single_run, seed_sweep):
@@ -164,15 +174,15 @@ def test_each_replicate_is_a_run_of_its_own(seed_sweep):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert json.load(open(os.path.join(workdir, "config.json")))["sweep"]["seeds"] == 2
   # One compiled curvature measurement serves both replicates (they share the loss weights).
-  assert sum("compiled the curvature probe" in m for m in messages) == 1
+  assert sum("compiled the curvature program" in m for m in messages) == 1
 
 
 def test_a_resumed_sweep_continues_exactly(seed_sweep, tmp_path):
   straight, _ = seed_sweep
   workdir = str(tmp_path / "resumed")
   overrides = {"sweep.seeds": 2, "curvature.enabled": True}
-  sweep.train_and_evaluate_sweep(tiny_config(**overrides, **{"train.total_steps": 2}), workdir)
-  sweep.train_and_evaluate_sweep(tiny_config(**overrides), workdir)
+  train.train_and_evaluate(tiny_config(**overrides, **{"train.total_steps": 2}), workdir)
+  train.train_and_evaluate(tiny_config(**overrides), workdir)
   for name in ("smoke_seed1077", "smoke_seed1078"):
     assert read_metrics(os.path.join(workdir, name)) == read_metrics(
         os.path.join(straight, name)), name
@@ -180,7 +190,7 @@ def test_a_resumed_sweep_continues_exactly(seed_sweep, tmp_path):
 
 def test_a_gamma_variant_changes_the_weights_only(single_run, tmp_path):
   workdir = str(tmp_path / "gamma")
-  sweep.train_and_evaluate_sweep(tiny_config(**{"sweep.minsnr_gamma": (1.0, 5.0)}), workdir)
+  train.train_and_evaluate(tiny_config(**{"sweep.minsnr_gamma": (1.0, 5.0)}), workdir)
   same = os.path.join(workdir, "smoke_gamma5_seed1077")
   other = os.path.join(workdir, "smoke_gamma1_seed1077")
   np.testing.assert_allclose(losses(same), losses(single_run), rtol=RTOL)
@@ -188,15 +198,16 @@ def test_a_gamma_variant_changes_the_weights_only(single_run, tmp_path):
   assert runs_lib.load_run(other).config["loss"]["minsnr_gamma"] == 1.0
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
   # Four CPU devices exist only if XLA is told before it starts: hence a fresh process, which
   # runs 4 replicates (one per device) and 2 (each batch of 4 split over the devices).
   script = (f"import logging, sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]\n"
             "logging.basicConfig(level=logging.INFO)\n"
-            "from diffdyn import sweep\n"
+            "from diffdyn import train\n"
             "from test_sweep import tiny_config\n"
             "for seeds, workdir in ((4, sys.argv[1]), (2, sys.argv[2])):\n"
-            "  sweep.train_and_evaluate_sweep(tiny_config(**{'sweep.seeds': seeds}), workdir)\n")
+            "  train.train_and_evaluate(tiny_config(**{'sweep.seeds': seeds}), workdir)\n")
   workdirs = [str(tmp_path / "replicas"), str(tmp_path / "batch")]
   env = dict(os.environ, DIFFDYN_CACHE=cache_dir,
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -212,9 +223,62 @@ def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
                                  losses(os.path.join(one_device, name)), rtol=RTOL)
 
 
-def test_launch_runs_a_sweep(tmp_path, cache_dir):
-  # Fails in the sweep's own input checks, before anything compiles: launch chose the sweep.
+def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_dir):
+  """train.train_and_evaluate on experiments/e5e6_sweep.py writes the replicates launch.py does."""
+  from experiments import e5e6_sweep  # pylint: disable=import-outside-toplevel
+  overrides = {**TINY, "sweep.seeds": 2, "curvature.enabled": False, "fid.enabled": False,
+               "data.name": "synthetic"}
+  config = e5e6_sweep.get_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  in_process = str(tmp_path / "notebook")
+  final = train.train_and_evaluate(config, in_process)
+  names = [f"e56_{w}_seed{s}" for w in ("constant", "minsnr") for s in (1077, 1078)]
+  assert sorted(n for n in os.listdir(in_process) if n.startswith("e56_")) == names
+  assert final["step"] == 4 and f"train/loss[{names[0]}]" in final
+  launched = str(tmp_path / "launched")
+  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+           for k, v in overrides.items()]
+  proc = run_launch(["--config", "experiments/e5e6_sweep.py", *flags, f"--workdir={launched}"],
+                    cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in names:
+    # The same program on the same inputs in two processes: equal to the bit.
+    np.testing.assert_array_equal(losses(os.path.join(in_process, name)),
+                                  losses(os.path.join(launched, name)))
+  # The constant and Min-SNR arms differ in their losses, not only in their names.
+  assert not np.array_equal(losses(os.path.join(in_process, names[0])),
+                            losses(os.path.join(in_process, names[2])))
+
+
+def test_a_sweep_with_bad_seeds_is_one_line(tmp_path, cache_dir):
   flags = tiny_flags(**{"sweep.seeds": 2, "sweep.seed_list": (5, 6, 7)})
   proc = run_launch([*flags, f"--workdir={tmp_path / 'bad'}"], cache_dir)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "sweep.seeds (2) must be 1 or the number of sweep.seed_list (3)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_exactly(seed_sweep, tmp_path, cache_dir):
+  straight, _ = seed_sweep
+  workdir = str(tmp_path / "killed")
+  args = [sys.executable, os.path.join(ROOT, "launch.py"), "--log_level=debug",
+          *tiny_flags(**{"sweep.seeds": 2, "curvature.enabled": True}), f"--workdir={workdir}"]
+  env = dict(os.environ, DIFFDYN_CACHE=cache_dir, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stderr:   # killed right after its first checkpoint, mid-run
+      if "saved checkpoint at step 2" in line:
+        proc.kill()
+        break
+  finally:
+    proc.kill()
+    proc.wait()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  rerun = run_launch(args[2:], cache_dir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  for name in ("smoke_seed1077", "smoke_seed1078"):
+    assert read_metrics(os.path.join(workdir, name)) == read_metrics(
+        os.path.join(straight, name)), name

@@ -59,6 +59,13 @@ def get_config() -> ml_collections.ConfigDict:
       adam_eps=1e-8,
       ema_decay=0.999,
       precision="fp32",      # "fp32" | "bf16" (the seeds ran AMP)
+      # EMA decay min(ema_decay, (1 + s) / (10 + s)) at update s; off, as in the seed harness,
+      # the average keeps ema_decay**s of the random init (13.5% at 2k steps for 0.999).
+      ema_warmup=False,
+      # How a chunk of K steps runs: "scan" (one lax.scan, one dispatch: best on a GPU),
+      # "loop" (K calls of the jitted step: XLA:CPU runs convolutions in a loop body slowly),
+      # "auto" (loop on the CPU, scan elsewhere).
+      chunk_runner="auto",
       log_every_steps=100,
       checkpoint_every_steps=1000,
       keep_checkpoints=3,
@@ -78,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
       batch="fixed",           # "fixed" | "current"
       batch_size=32,
       objective="train",       # "train" | "reference" | "both"
+      # Which parameters are measured: "raw" (curvature/...), "ema" (curvature/ema/...) or both.
+      # FID is of the EMA params, so curvature-FID pairs need "ema" or "both".
+      params="raw",
       chunk_size=0,            # probes per vmapped chunk; 0 = all at once
       t_bands=0,               # > 0: also the trace restricted to that many equal t-bands
       top_eig_every_steps=0,   # 0 = off; a multiple of every_steps
@@ -100,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
       grid_sampler="ddim",
       grid_nfe=20,
       grid_eta=0.0,
+      grid_params="both",    # "ema" (samples/), "raw" (samples_raw/) or "both"
+      grid_upscale=4,        # nearest-neighbour zoom of the saved grids, so 32x32 samples show
+      fid_raw_params=False,  # also FID of the raw params at milestones (val/fid_milestone_raw)
   ))
 
   config.fid = ml_collections.ConfigDict(dict(
