@@ -54,7 +54,8 @@ def print_help(full: bool) -> None:
   if full:
     flags_help = flags.FLAGS.get_help()
   else:   # absl heads them with the module's name, "__main__" for a script: say what they are
-    flags_help = "flags:\n" + flags.FLAGS.module_help(sys.modules[__name__]).strip().split("\n", 1)[1]
+    listed = flags.FLAGS.module_help(sys.modules[__name__]).strip()
+    flags_help = "flags:\n" + listed.split("\n", 1)[1]
   print(f"{__doc__.strip()}\n\n{flags_help}\n")
   if not full:
     print("--helpfull also lists the flags of the libraries launch.py uses.")

@@ -324,7 +324,8 @@ def _parse_metrics_line(raw: bytes) -> tuple[str | None, dict | None]:
     return "the line is not UTF-8 text", None
   except json.JSONDecodeError as e:
     return f"the line does not parse as JSON ({e.msg} at column {e.colno})", None
-  if not isinstance(record, dict) or type(record.get("step")) is not int:  # pylint: disable=unidiomatic-typecheck
+  step = record.get("step") if isinstance(record, dict) else None
+  if not isinstance(step, int) or isinstance(step, bool):
     return "the line is not a metrics record (a JSON object with an integer step)", None
   return None, record
 

@@ -335,7 +335,8 @@ def test_a_save_on_a_full_disk_is_one_line_and_the_probe_leaves_nothing():
 def _record_raised_in(filename):
   """A log record carrying an exception whose traceback runs through `filename`."""
   try:
-    exec(compile("raise ValueError('RESOURCE_EXHAUSTED')", filename, "exec"))  # pylint: disable=exec-used
+    code = compile("raise ValueError('RESOURCE_EXHAUSTED')", filename, "exec")
+    exec(code)  # pylint: disable=exec-used
   except ValueError:
     exc_info = sys.exc_info()
   return logging.LogRecord("absl", logging.ERROR, "future.py", 1, "thread raised", None,
