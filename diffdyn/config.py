@@ -6,12 +6,14 @@ so every mistake becomes one line that says which key is wrong and what it may b
 """
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Callable
 
 import ml_collections
 
 from diffdyn import diffusion
+from diffdyn import data as data_lib
 from diffdyn.configs import default
 from diffdyn.errors import UserError
 
@@ -43,8 +45,9 @@ def _variants(ok_item: Callable[[Any], bool], items: str) -> Rule:
 
 RULES: dict[str, Rule] = {
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "data.name": _one_of("cifar10", "synthetic"),
+    "data.name": _one_of(*data_lib.SOURCE_KEYS),
     "data.split": _one_of("train", "test"),
+    "data.layout": _one_of("NHWC", "NCHW"),
     "data.image_size": _POSITIVE_INT,
     "data.synthetic_num_images": _POSITIVE_INT,
     "diffusion.schedule": _one_of("linear", "cosine"),
@@ -152,15 +155,37 @@ def _type_name(reference) -> str:
           str: "a string"}.get(type(reference), type(reference).__name__)
 
 
+def key_hint(key: str) -> str:
+  """For an unknown key: "; did you mean ..." naming the likeliest schema keys, else the keys of
+  its section; "" when neither helps."""
+  schema = _flatten(base_config())
+  leaf = key.rsplit(".", 1)[-1]
+  same_leaf = sorted(k for k in schema if k.rsplit(".", 1)[-1] == leaf)
+  candidates = set(same_leaf + difflib.get_close_matches(key, schema, n=3, cutoff=0.75))
+  close = sorted(candidates, key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())[:3]
+  if close:
+    return f"; did you mean {' or '.join(repr(k) for k in close)}?"
+  section = key.rsplit(".", 1)[0] if "." in key else ""
+  known = sorted(k for k in schema if k.rsplit(".", 1)[0] == section) if section else []
+  if known:
+    return f"; known keys in {section}: {', '.join(known)}"
+  sections = sorted({k.rsplit(".", 1)[0] for k in schema if "." in k})
+  close = difflib.get_close_matches(section, sections, n=1, cutoff=0.6) if section else []
+  return f"; there is no section {section!r}: did you mean {close[0]!r}?" if close else ""
+
+
+def expected_type(key: str) -> str | None:
+  """What a value of schema key `key` must be ("an integer", ...), None for an unknown key."""
+  schema = _flatten(base_config())
+  return _type_name(schema[key]) if key in schema else None
+
+
 def check_keys_and_types(config) -> None:
   schema = _flatten(base_config())
   given = _flatten(config)
   for key, value in given.items():
     if key not in schema:
-      section = key.rsplit(".", 1)[0] if "." in key else ""
-      known = sorted(k for k in schema if k.rsplit(".", 1)[0] == section) if section else []
-      hint = f"; known keys in {section}: {', '.join(known)}" if known else ""
-      raise UserError(f"unknown config key {key!r}{hint}")
+      raise UserError(f"unknown config key {key!r}{key_hint(key)}")
     if not _type_ok(value, schema[key]):
       raise UserError(f"config key {key!r} must be {_type_name(schema[key])}, got {value!r}")
 
@@ -194,6 +219,7 @@ def check_consistency(config) -> None:
     raise UserError(f"config curvature.num_probes ({c.num_probes}) must be >= 3 for "
                     "curvature.estimator 'hutch++' (a sketch, its basis and a residual probe)")
   check_samplers(config)
+  data_lib.check_source_keys(config.data)
   if c.t_bands > c.batch_size:
     raise UserError(f"config curvature.t_bands ({c.t_bands}) must be <= curvature.batch_size "
                     f"({c.batch_size}) so that every band holds a probe example")
@@ -229,21 +255,30 @@ def to_dict(config) -> dict:
 RESUMABLE_CHANGES = ("train.total_steps", "train.tensorboard")
 
 
-def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-  """'key: old -> new' for every leaf that differs, outside RESUMABLE_CHANGES, sorted."""
-  diffs = []
-  for key in sorted(set(old) | set(new)):
-    path = prefix + key
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      diffs += differences(a, b, path + ".")
-    elif _normalise(a) != _normalise(b) and path not in RESUMABLE_CHANGES:
-      diffs.append(f"{path}: {a!r} -> {b!r}")
-  return diffs
+def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+  """(key, old value, new value) for each dotted key whose value differs, sorted by key.
+
+  A tuple equals the list JSON makes of it. A key that `old` (a run's config.json) lacks but
+  the schema has was added after that run started, which then ran with its default: it
+  differs only if `new` sets it to something else.
+  """
+  schema = _flatten(base_config())
+  a, b = _flatten(old), _flatten(new)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    before = a.get(key, schema.get(key))
+    if _as_list(before) != _as_list(b.get(key)):
+      out.append((key, before, b.get(key)))
+  return out
 
 
-def _normalise(v):
-  return list(v) if isinstance(v, tuple) else v
+def _as_list(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]]) -> str:
+  """One line: "train.learning_rate: 0.0001 -> 0.0002; train.total_steps: 40 -> 80"."""
+  return "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in diffs)
 
 
 def validate(config) -> ml_collections.ConfigDict:

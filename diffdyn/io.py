@@ -1,4 +1,4 @@
-"""Run I/O: metric writers (CLU and metrics.jsonl), orbax checkpoints, sample grids, progress.
+"""Run I/O: the workdir lock, metric writers (CLU and metrics.jsonl), orbax checkpoints, grids.
 
 Nothing here computes anything about the model; it moves numbers and arrays to disk and back,
 in ways that survive a process being killed at any point.
@@ -6,14 +6,20 @@ in ways that survive a process being killed at any point.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
+import tempfile
 import threading
 import time
+import traceback
 import types
 from typing import Any, Iterator, Mapping
 
@@ -27,6 +33,8 @@ log = logging.getLogger("diffdyn")
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = ".lock"
 TIMING_PREFIX = "time/"   # run-time measurements: not reproducible, excluded from comparisons
 CORRUPT_CHECKPOINTS_DIR = "corrupt_checkpoints"
 
@@ -34,9 +42,15 @@ CORRUPT_CHECKPOINTS_DIR = "corrupt_checkpoints"
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # How orbax/tensorstore word the same, in the message of a ValueError.
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+# How tensorstore tags any failed file operation in the message of a ValueError.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
 
 
-class DiskFull(RunFailed):
+class WriteFailed(RunFailed):
+  """A write failed (an I/O error, a read-only disk); the run stopped and can resume."""
+
+
+class DiskFull(WriteFailed):
   """A write failed for lack of space; the run stopped, and can resume once space is back."""
 
 
@@ -46,16 +60,63 @@ def is_disk_full(error: BaseException) -> bool:
   return any(text in str(error) for text in _NO_SPACE_TEXT)
 
 
+def _write_error_reason(error: BaseException) -> str | None:
+  """strerror of a failed file operation (Python's or tensorstore's), None for other errors."""
+  if isinstance(error, OSError):
+    return error.strerror or type(error).__name__
+  match = _TENSORSTORE_ERRNO.search(str(error))
+  return os.strerror(int(match.group(1))) if match else None
+
+
 @contextlib.contextmanager
-def reporting_disk_full(what: str) -> Iterator[None]:
-  """Turns a failed write for lack of space into one DiskFull line naming `what` and the fix."""
+def reporting_write_errors(what: str) -> Iterator[None]:
+  """Turns a failed write into one line naming `what` and the fix: DiskFull or WriteFailed."""
   try:
     yield
-  except Exception as e:  # orbax reports a full disk as a ValueError, Python as an OSError
-    if not is_disk_full(e):
+  except Exception as e:  # orbax reports a failed write as a ValueError, Python as an OSError
+    if is_disk_full(e):
+      raise DiskFull(f"disk full while {what}; free some space and run the same command to "
+                     "resume from the latest checkpoint") from e
+    reason = _write_error_reason(e)
+    if reason is None:
       raise
-    raise DiskFull(f"disk full while {what}; free some space and run the same command to "
-                   "resume from the latest checkpoint") from e
+    raise WriteFailed(f"could not write while {what} ({reason}); fix the disk or its "
+                      "permissions, then run the same command to resume from the latest "
+                      "checkpoint") from e
+
+
+class _OrbaxFailureToDebug(logging.Filter):
+  """Turns orbax's logged tracebacks into DEBUG records, shown only at diffdyn's debug level.
+
+  When a save fails, orbax logs the exception of each of its writer threads with a traceback
+  (and asyncio logs the tasks orbax left unawaited) before the same exception reaches our save
+  call, which reports it as one line. The records are detail of that line, not news.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not _raised_in_orbax(record):
+      return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return log.isEnabledFor(logging.DEBUG)
+
+
+_ORBAX_FAILURE_FILTER = _OrbaxFailureToDebug()
+_ORBAX_PATH_PART = f"{os.sep}orbax{os.sep}"
+
+
+def _raised_in_orbax(record: logging.LogRecord) -> bool:
+  if not record.exc_info or record.exc_info[2] is None:
+    return False
+  return any(_ORBAX_PATH_PART in frame.filename
+             for frame in traceback.extract_tb(record.exc_info[2]))
+
+
+def send_orbax_failures_to_debug() -> None:
+  """Installs the filter on the loggers orbax (absl) and its event loops (asyncio) write to."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if _ORBAX_FAILURE_FILTER not in logger.filters:
+      logger.addFilter(_ORBAX_FAILURE_FILTER)
 
 
 def default_cache_dir() -> str:
@@ -63,26 +124,111 @@ def default_cache_dir() -> str:
                                                          "diffdyn")
 
 
-def enable_compilation_cache(cache_dir: str | None = None) -> str:
-  """Turns on JAX's persistent compilation cache, so a rerun skips the compiles it has seen."""
+def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache, so a rerun skips the compiles it has seen.
+
+  Returns its directory, or None (with a warning) when that cannot be written: the run then
+  compiles everything afresh, but runs.
+  """
   path = cache_dir or os.path.join(default_cache_dir(), "jax_cache")
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, exist_ok=True)
+    _probe_write(path)
+  except OSError as e:
+    log.warning("compilation cache %s is unusable (%s); running without it, so every start "
+                "compiles afresh: set DIFFDYN_CACHE to a writable directory", path,
+                e.strerror or type(e).__name__)
+    return None
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 
 
+def _probe_write(directory: str) -> None:
+  """Writes and removes a small file in `directory`; raises OSError where that fails."""
+  fd, probe = tempfile.mkstemp(prefix=f".write_test_{os.getpid()}_", dir=directory)
+  try:
+    os.write(fd, b"ok")
+    os.fsync(fd)
+  finally:   # on a full disk the file exists but its bytes do not: it goes either way
+    os.close(fd)
+    os.remove(probe)
+
+
 def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that a file can be written in it."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    _probe_write(workdir)
   except OSError as e:
+    if is_disk_full(e):
+      raise UserError(f"workdir {workdir!r} is on a full disk ({e.strerror}); free some space, "
+                      "or pass a --workdir on another disk") from None
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you "
                     "can write to") from None
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str) -> Iterator[None]:
+  """Holds `workdir` for one run for the block; another holder makes it raise UserError.
+
+  The lock is an flock on `workdir/.lock`, which the kernel releases when the process ends,
+  however it ends: a killed run leaves no lock behind that could block the next. The file
+  names the holder (pid, host, start time) for the message another launch shows, and is
+  removed when the block exits. Creates `workdir` if needed.
+  """
+  check_writable(workdir)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = _acquire_lock(path, workdir)
+  try:
+    yield
+  finally:
+    # Removed while still locked: whoever opened it meanwhile sees it gone and retries.
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+    os.close(fd)
+
+
+def _acquire_lock(path: str, workdir: str) -> int:
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise UserError(f"workdir {workdir!r} is in use by {holder}; wait for that run to end "
+                      "(or stop it), or pass another --workdir") from None
+    except OSError as e:
+      os.close(fd)
+      raise UserError(f"workdir {workdir!r} cannot be locked ({e.strerror}): its filesystem "
+                      "does not support file locks; pass a --workdir on a local disk") from None
+    # The previous holder removes the file before it unlocks it: a lock won on a removed
+    # file guards nothing, so take the one now at `path` instead.
+    try:
+      same_file = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      same_file = False
+    if same_file:
+      break
+    os.close(fd)
+  started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(holder) + "\n").encode())
+  except OSError:   # a full disk: the lock holds all the same, only its message is vaguer
+    pass
+  return fd
+
+
+def _read_holder(fd: int) -> str:
+  try:
+    holder = json.loads(os.pread(fd, 4096, 0))
+    return f"process {holder['pid']} on {holder['host']} (started {holder['started']})"
+  except (OSError, ValueError, KeyError, TypeError):   # locked, but not yet written
+    return "another process that is starting up"
 
 
 def _to_python(value: Any) -> Any:
@@ -108,41 +254,159 @@ def _atomic_write_text(path: str, text: str) -> None:
       os.remove(tmp)
 
 
-class JsonlWriter:
-  """Appends one JSON line per write; on open, forgets everything after `resume_step`.
+# How every line JsonlWriter writes starts; a line cut off by a kill is a prefix of one.
+_STEP_PREFIX = '{"step": '
+_CUT_STEP = re.compile(r'\{"step": (\d+)[,}]')
 
-  A resumed run rewrites the steps after its checkpoint, so those lines (and a line cut off by
-  a kill mid-write) are removed first: the file never holds a step twice.
+
+def check_metrics(path: str, resume_step: int, *, keep_damaged: bool = False) -> None:
+  """Readies metrics.jsonl for a run that resumes at `resume_step` (0: starts afresh), or refuses.
+
+  Call it for each run directory before anything is written there. The file is an append-only
+  record of complete lines, one per write, in order of step. Lines past `resume_step` are
+  dropped (the resumed run writes them again), and so is a last line cut off mid-write whose
+  step is past it or unreadable: a kill or a full disk cuts only the line being written, and
+  the line being written is always past the latest checkpoint, since a step's lines are all
+  written before that step is checkpointed.
+
+  Everything else is damage, and raises UserError naming the file and line, changing nothing:
+  a complete line that is not a JSON object with an integer step, a step lower than the one
+  before it, a key written twice at one step (two runs writing the file at once), a cut last
+  line at or before `resume_step` (the file lost data it had once), or a missing file when the
+  run resumes from a checkpoint. With `keep_damaged`, the file is copied aside instead (never
+  deleted) and the run goes on with the lines before the damage.
+  """
+  if not os.path.exists(path):
+    if resume_step > 0:
+      _refuse_or_keep(path, f"{path} is missing, but the run resumes from its checkpoint at "
+                      f"step {resume_step}: the metrics of steps 1-{resume_step} are gone",
+                      [], keep_damaged)
+    return
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  cut = lines.pop()   # b"" when the file ends with a newline, as it does after a whole write
+  # A whole record without its newline lost nothing (an editor may strip it): a line like any.
+  newline_missing = bool(cut) and _parse_metrics_line(cut)[0] is None
+  if newline_missing:
+    lines.append(cut)
+    cut = b""
+  kept, dropped = [], 0
+  last_step, seen = -1, {}   # seen: (step, key) -> the number of the line that holds it
+  for number, raw in enumerate(lines, 1):
+    problem, record = _parse_metrics_line(raw)
+    if problem is None:
+      problem = _out_of_order(record, last_step, seen)
+    if problem is not None:
+      _refuse_or_keep(path, f"{path}:{number}: {problem}", kept, keep_damaged)
+      return
+    last_step = record["step"]
+    seen.update({(last_step, key): number for key in record})
+    if last_step <= resume_step:
+      kept.append(raw + b"\n")
+    else:
+      dropped += 1
+  if cut:
+    problem = _cut_line_problem(cut, resume_step, last_step)
+    if problem is not None:
+      _refuse_or_keep(path, f"{path}:{len(lines) + 1}: {problem}", kept, keep_damaged)
+      return
+  if dropped or cut:
+    log.info("%s: dropped %d line(s) past step %d%s; the resumed run writes them again", path,
+             dropped, resume_step, " and a line cut off mid-write" if cut else "")
+  if dropped or cut or newline_missing:
+    with reporting_write_errors(f"rewriting {path} for the resume at step {resume_step}"):
+      _atomic_write_text(path, b"".join(kept).decode())
+
+
+def _parse_metrics_line(raw: bytes) -> tuple[str | None, dict | None]:
+  """(None, record), or (what is wrong, None)."""
+  try:
+    record = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError:
+    return "the line is not UTF-8 text", None
+  except json.JSONDecodeError as e:
+    return f"the line does not parse as JSON ({e.msg} at column {e.colno})", None
+  step = record.get("step") if isinstance(record, dict) else None
+  if not isinstance(step, int) or isinstance(step, bool):
+    return "the line is not a metrics record (a JSON object with an integer step)", None
+  return None, record
+
+
+def _out_of_order(record: dict, last_step: int, seen: dict) -> str | None:
+  step = record["step"]
+  if step < last_step:
+    return f"step {step} comes after step {last_step}"
+  for key in record:
+    if key not in ("step", "wall_time") and (step, key) in seen:
+      return f"{key} at step {step} is already on line {seen[step, key]}"
+  return None
+
+
+def _cut_line_problem(cut: bytes, resume_step: int, last_step: int) -> str | None:
+  """None if a last line cut off mid-write is what a kill leaves, else what is wrong with it."""
+  text = cut.decode("utf-8", "replace")
+  if _STEP_PREFIX.startswith(text) or re.fullmatch(r'\{"step": \d+', text):
+    return None   # cut before its step is complete: it holds no value yet
+  match = _CUT_STEP.match(text)
+  if match is None:
+    return "the last line is cut off, and is not the start of a metrics line"
+  step = int(match.group(1))
+  if step < last_step:
+    return f"the last line is cut off, and its step {step} comes after step {last_step}"
+  if step <= resume_step:
+    return (f"the last line, of step {step}, is cut off, though the checkpoint of step "
+            f"{resume_step} was saved after it was written: the file has lost data")
+  return None
+
+
+def _refuse_or_keep(path: str, problem: str, good_lines: list[bytes],
+                    keep_damaged: bool) -> None:
+  aside = _free_name(f"{path}.damaged")
+  existed = os.path.exists(path)
+  if not keep_damaged:
+    allowed = (f"copy it aside to {aside} and resume with its first {len(good_lines)} line(s)"
+               if existed else "resume without them")
+    raise UserError(f"{problem}; nothing was changed: restore {os.path.basename(path)} from a "
+                    f"backup, or pass --keep_damaged_metrics to {allowed}")
+  with reporting_write_errors(f"setting the damaged {path} aside"):
+    if existed:
+      shutil.copy2(path, aside)
+    _atomic_write_text(path, b"".join(good_lines).decode())
+  log.warning("%s; %s, and the run goes on with its first %d line(s)", problem,
+              f"the damaged file is copied to {aside}" if existed else "nothing to copy aside",
+              len(good_lines))
+
+
+def _free_name(path: str) -> str:
+  """`path`, or `path.N` for the lowest N >= 2 that does not exist."""
+  candidate, n = path, 1
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate
+
+
+class JsonlWriter:
+  """Appends one JSON line per write to a file that `check_metrics` has readied.
+
+  It removes nothing: opening it checks the file as `check_metrics` does (strictly, so damage
+  stops the run) and creates it when missing, so that a file missing later, from a run with
+  checkpoints, shows it was deleted.
   """
 
   def __init__(self, path: str, resume_step: int):
     self.path = path
-    self._truncate_after(resume_step)
-
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      text = f.read()
-    kept = []
-    for line in text.splitlines(keepends=True):
-      if not line.endswith("\n"):
-        break  # cut off mid-write
-      try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line)
-      except (ValueError, KeyError, TypeError):
-        break
-    if len(kept) != len(text.splitlines()) or not text.endswith("\n") and text:
-      with reporting_disk_full(f"rewriting {self.path} for the resume at step {step}"):
-        _atomic_write_text(self.path, "".join(kept))
+    check_metrics(path, resume_step)
+    with reporting_write_errors(f"creating {path}"):
+      with open(path, "a"):
+        pass
 
   def write(self, step: int, wall_time: float, scalars: Mapping[str, Any]) -> None:
     record = {"step": int(step), "wall_time": round(float(wall_time), 3)}
     record.update({k: _to_python(v) for k, v in scalars.items()})
     line = json.dumps(record, allow_nan=True) + "\n"
-    # A line cut short here is dropped by the next resume, with the rest of its step.
-    with reporting_disk_full(f"writing the metrics of step {step} to {self.path}"):
+    # A line cut short here is past the latest checkpoint: the next resume drops it.
+    with reporting_write_errors(f"writing the metrics of step {step} to {self.path}"):
       with open(self.path, "a") as f:
         f.write(line)
         f.flush()
@@ -207,24 +471,24 @@ class MetricWriter:
     log.debug("writing metrics at step %d: %s", step, ", ".join(scalars))
     scalars = {k: _to_python(v) for k, v in scalars.items()}
     self.jsonl.write(step, self.wall_time, scalars)
-    with reporting_disk_full(f"writing the TensorBoard summaries of step {step}"):
+    with reporting_write_errors(f"writing the TensorBoard summaries of step {step}"):
       self.clu.write_scalars(step, {k: v for k, v in scalars.items()
                                     if isinstance(v, (int, float)) and math.isfinite(v)})
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     if not self.enabled:
       return
-    with reporting_disk_full(f"writing the TensorBoard images of step {step}"):
+    with reporting_write_errors(f"writing the TensorBoard images of step {step}"):
       self.clu.write_images(step, images)
 
   def flush(self) -> None:
     if self.enabled:
-      with reporting_disk_full("flushing the TensorBoard summaries"):
+      with reporting_write_errors("flushing the TensorBoard summaries"):
         self.clu.flush()
 
   def close(self) -> None:
     if self.enabled:
-      with reporting_disk_full("closing the TensorBoard summaries"):
+      with reporting_write_errors("closing the TensorBoard summaries"):
         self.clu.close()
 
 
@@ -245,7 +509,7 @@ def save_png(path: str, image_uint8: np.ndarray) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   tmp = f"{path}.tmp.{os.getpid()}.png"
   try:
-    with reporting_disk_full(f"writing {path}"):
+    with reporting_write_errors(f"writing {path}"):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       Image.fromarray(image_uint8).save(tmp)
       os.replace(tmp, path)
@@ -258,7 +522,7 @@ def save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   """Writes arrays as an .npz atomically, making its folder."""
   tmp = f"{path}.tmp.{os.getpid()}.npz"
   try:
-    with reporting_disk_full(f"writing {path}"):
+    with reporting_write_errors(f"writing {path}"):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
       os.replace(tmp, path)
@@ -281,7 +545,7 @@ def read_config_json(workdir: str) -> dict | None:
 
 def write_config_json(workdir: str, config_dict: dict) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
-  with reporting_disk_full(f"writing {path}"):
+  with reporting_write_errors(f"writing {path}"):
     _atomic_write_text(path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
 
@@ -344,6 +608,31 @@ def describe_mismatch(stored: dict, expected: dict, limit: int = 4) -> str:
              else f"{k} {stored[k][1]}->{expected[k][1]}" for k in changed]
     parts.append(f"{len(changed)} leaves of another shape or dtype ({listing(shown)})")
   return "; ".join(parts)
+def append_config_history(workdir: str, config_dict: dict, start_step: int) -> None:
+  """Appends the config a run starts (or resumes) with, and that step, to config_history.jsonl.
+
+  config.json holds the latest config only; this file keeps every start's, one JSON line
+  {"start_step", "started", "config"} each, so that steps trained under an earlier config stay
+  attributable after --allow_config_change. A last line cut off by a kill during an earlier
+  start is dropped first, with a warning: that start wrote nothing else.
+  """
+  path = os.path.join(workdir, CONFIG_HISTORY_FILE)
+  started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  line = json.dumps({"start_step": int(start_step), "started": started,
+                     "config": config_dict}) + "\n"
+  with reporting_write_errors(f"writing {path}"):
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        text = f.read()
+      if text and not text.endswith(b"\n"):
+        whole = text[:text.rfind(b"\n") + 1]
+        log.warning("%s: dropped its last line, cut off %d bytes in (a start killed while "
+                    "writing it)", path, len(text) - len(whole))
+        _atomic_write_text(path, whole.decode())
+    with open(path, "a") as f:
+      f.write(line)
+      f.flush()
+      os.fsync(f.fileno())
 
 
 class Checkpoints:
@@ -386,7 +675,7 @@ class Checkpoints:
   def save(self, step: int, state, meta: Mapping[str, Any]) -> None:
     ocp = self._ocp
     log.debug("saving checkpoint at step %d", step)
-    with reporting_disk_full(f"saving the checkpoint of step {step} in {self.directory}"):
+    with reporting_write_errors(f"saving the checkpoint of step {step} in {self.directory}"):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(dict(meta))),
                         force=True)

@@ -419,6 +419,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   """
   sweep.maybe_initialize_distributed()
   io.ensure_logging()
+  io.send_orbax_failures_to_debug()
   config = config_lib.validate(config)
   clock = io.Clock()
   stop = StopRequest()
@@ -459,29 +460,37 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
       log.info("sweep of %d replicates on %d devices (split: %s)", replicas.size,
                replicas.placement.mesh.size, replicas.placement.split)
     writes = jax.process_index() == 0
-    changes = check_resume_config(workdir, config, allow_config_change)
     handlers = evaluate.get_evaluators(config) if evaluators is None else evaluators
     for handler in handlers.values():
       handler.check(config)
-    images_host = data_lib.load_images(config.data)
-    if writes:
-      io.check_writable(workdir)
+    cc = config.curvature
+    images_host = data_lib.load_images(
+        config.data, batch_size=config.train.batch_size,
+        probe_batch_size=cc.batch_size if cc.enabled and cc.batch == "fixed" else 0)
+    if writes:   # one writer per workdir: the lock creates it, and leaves nothing behind
+      for directory in dict.fromkeys((workdir, *replicas.run_dirs)):
+        closing.enter_context(io.lock_workdir(directory))
+    changes = check_resume_config(workdir, config, allow_config_change)
     program = build_program(config, replicas)
     images = sweep.put(images_host, replicas.placement.replicated)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     state, meta, resumed_at, damaged = _restore(program, ckpt_dir, config, workdir)
     clock.compiled("init", program.init_compile_seconds, phase="setup")
     step = int(sweep.fetch(state.step).reshape(-1)[0])
+    if writes:
+      for run_dir in replicas.run_dirs:
+        io.check_metrics(os.path.join(run_dir, io.METRICS_FILE), step,
+                         keep_damaged=keep_damaged_metrics)
 
     # Every check has passed: from here on the run writes.
     if writes:
       if changes:
-        log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
-      io.write_config_json(workdir, config_lib.to_dict(config))
-      if replicas.stacked:
-        for r, run_dir in zip(replicas.runs, replicas.run_dirs):
-          os.makedirs(run_dir, exist_ok=True)
-          io.write_config_json(run_dir, config_lib.to_dict(r.config))
+        log.warning("config changed at step %d: %s", step,
+                    config_lib.describe_differences(changes))
+      for directory, run_config in ((workdir, config), *(
+          zip(replicas.run_dirs, [r.config for r in replicas.runs]) if replicas.stacked else ())):
+        io.write_config_json(directory, config_lib.to_dict(run_config))
+        io.append_config_history(directory, config_lib.to_dict(run_config), step)
     checkpoints = io.Checkpoints(ckpt_dir, config.train.keep_checkpoints)
     closing.callback(checkpoints.close)
     for bad_step, why in damaged:
@@ -504,15 +513,20 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
   return _Run(program, state, images, handlers, infos, writers, checkpoints)
 
 
-def check_resume_config(workdir: str, config, allow_config_change: bool) -> list[str]:
-  """The differences from the config `workdir` last ran with; refused unless allowed."""
+def check_resume_config(workdir: str, config, allow_config_change: bool) -> list:
+  """The differences from the config `workdir` last ran with; refused unless allowed.
+
+  Changes of `config_lib.RESUMABLE_CHANGES` keys need no permission but are returned too.
+  """
   old = io.read_config_json(workdir)
   if old is None:
     return []
   diffs = config_lib.differences(old, config_lib.to_dict(config))
-  if diffs and not allow_config_change:
-    raise UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); use "
-                    "another --workdir, or pass --allow_config_change to resume it anyway")
+  refused = [d for d in diffs if d[0] not in config_lib.RESUMABLE_CHANGES]
+  if refused and not allow_config_change:
+    raise UserError(f"{workdir} holds a run with a different config "
+                    f"({config_lib.describe_differences(refused)}); use another --workdir, or "
+                    "pass --allow_config_change to resume it anyway")
   return diffs
 
 
@@ -526,7 +540,7 @@ def _restore(program: Program, ckpt_dir: str, config, workdir: str):
   except io.StructureMismatch as e:
     old = io.read_config_json(workdir) or {}
     changed = config_lib.differences(old, config_lib.to_dict(config))
-    keys = f" (config changes: {'; '.join(changed)})" if changed else ""
+    keys = f" (config changes: {config_lib.describe_differences(changed)})" if changed else ""
     raise UserError(f"the checkpoints in {ckpt_dir} hold a train state of another structure "
                     f"than this config builds: {e}{keys}; such a run cannot be resumed, even "
                     "with --allow_config_change: start it in a new --workdir") from None

@@ -31,11 +31,9 @@ def cache_dir(tmp_path_factory):
 def assert_one_line_error(proc, *words):
   """launch.py's contract for bad input: exit 2, one `error:` line holding `words`, no traceback."""
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1, proc.stderr[-2000:]
+  line = one_error_line(proc.stderr)
   for word in words:
-    assert word in errors[0], errors[0]
+    assert word in line, line
 
 
 def run_launch(args, cache, timeout=600):
@@ -57,3 +55,47 @@ def snapshot(directory):
       stat = os.stat(path)
       out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns, digest)
   return out
+@pytest.fixture
+def launch_main(monkeypatch, cache_dir):
+  """launch.main in this process: `launch_main(*args)` returns its exit status (0 if it returns).
+
+  absl's FLAGS are process-wide. config_flags reads the --config.* overrides from sys.argv (set
+  here to the call's argv) and defines a flag per override; after each call the flags are
+  unparsed and those flags deleted, so the next call parses as a fresh process would. The log
+  levels launch.main sets are put back too.
+  """
+  del cache_dir   # launch.main turns the compilation cache on: the session's, not ~/.cache
+  import launch  # pylint: disable=import-outside-toplevel
+  loggers = [logging.getLogger(name) for name in ("absl", "diffdyn", "jax._src.xla_bridge")]
+  levels = [logger.level for logger in loggers]
+
+  def call(*args):
+    argv = ["launch.py", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+      launch.main(argv)
+    except SystemExit as e:
+      return 0 if e.code is None else e.code
+    finally:
+      reset_flags()
+      for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+    return 0
+
+  return call
+
+
+def reset_flags():
+  """absl's FLAGS as before launch.main parsed them: defaults, and no --config.* field flags."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.unparse_flags()
+  for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+    delattr(flags.FLAGS, name)
+
+
+def one_error_line(stderr, prefix="error:"):
+  """The single line of `stderr` that starts with `prefix`; fails on none, several, a traceback."""
+  assert "Traceback" not in stderr, stderr[-2000:]
+  lines = [line for line in stderr.splitlines() if line.startswith(prefix)]
+  assert len(lines) == 1, stderr[-2000:]
+  return lines[0]

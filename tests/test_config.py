@@ -79,6 +79,41 @@ def test_unknown_key_lists_known_keys():
     config_lib.validate(config)
 
 
+@pytest.mark.parametrize("key, hint", [
+    ("train.seed", "; did you mean 'seed'?"),
+    ("trian.batch_size", "; did you mean 'train.batch_size' or "),
+    ("seeds", "; did you mean 'seed' or 'sweep.seeds'?"),
+    ("trian.lr", "; there is no section 'trian': did you mean 'train'?"),
+    ("nothing.like.this", ""),
+])
+def test_unknown_keys_get_the_likeliest_known_ones(key, hint):
+  got = config_lib.key_hint(key)
+  assert got.startswith(hint) if hint else got == "", got
+
+
+def test_expected_types_follow_the_schema():
+  assert config_lib.expected_type("train.batch_size") == "an integer"
+  assert config_lib.expected_type("train.learning_rate") == "a number"
+  assert config_lib.expected_type("train.tensorboard") == "a bool (True/False)"
+  assert config_lib.expected_type("model.channel_mult") == "a sequence"
+  assert config_lib.expected_type("train.nope") is None
+
+
+def test_differences_name_each_changed_key_with_both_values():
+  old = config_lib.base_config().to_dict()
+  new = config_lib.base_config()
+  new.train.learning_rate = 2e-4
+  new.model.channel_mult = (1, 2)
+  old["model"]["channel_mult"] = list(old["model"]["channel_mult"])   # as config.json holds it
+  del old["data"]["layout"]   # a run from before the key existed ran with its default
+  diffs = config_lib.differences(old, new.to_dict())
+  assert diffs == [("model.channel_mult", [1, 2, 2, 2], (1, 2)),
+                   ("train.learning_rate", 1e-4, 2e-4)]
+  assert config_lib.describe_differences(diffs) == (
+      "model.channel_mult: [1, 2, 2, 2] -> (1, 2); train.learning_rate: 0.0001 -> 0.0002")
+  assert config_lib.differences(old, old) == []
+
+
 def test_inconsistent_values_are_caught():
   config = base.get_config()
   config.diffusion.beta_start = 0.05

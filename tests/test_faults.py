@@ -384,10 +384,10 @@ def _wrong_weights(folder):
 
 # name: (overrides given a scratch folder, words the error line must contain)
 FILE_CASES = {
-    "missing data file": (lambda d: ["--config.data.name=cifar10",
+    "missing data file": (lambda d: ["--config.data.name=npz",
                                      "--config.data.path=/nonexistent/cifar.npz"],
                           ["data.path", "does not exist"]),
-    "corrupt data file": (lambda d: ["--config.data.name=cifar10",
+    "corrupt data file": (lambda d: ["--config.data.name=npz",
                                      f"--config.data.path={_bad_npz(d)}"],
                           ["cifar.npz", "not a readable .npz"]),
     "missing inception weights": (lambda d: ["--config.fid.enabled=True",

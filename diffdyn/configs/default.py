@@ -14,9 +14,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 1077
 
   config.data = ml_collections.ConfigDict(dict(
-      name="cifar10",        # "cifar10" | "synthetic"
-      split="train",
-      path="",               # local .npz (uint8 NHWC under "images" or "x") or cifar-10-batches-py/
+      # "cifar10" (tensorflow-datasets, or the cifar-10-batches-py folder at path) | "npz" (uint8
+      # under "images" or "x" in the file at path) | "folder" (PNG/JPEG files under path) |
+      # "synthetic". A key set here that the source does not read is an error.
+      name="cifar10",
+      split="train",         # cifar10 only
+      path="",
+      layout="NHWC",         # npz only: "NHWC" | "NCHW" (transposed on loading)
       tfds_data_dir="",      # where tensorflow-datasets keeps (or downloads) CIFAR-10
       random_flip=True,
       image_size=32,
