@@ -304,8 +304,11 @@ def e2e_summary(workdir: str, wall_s: float, completed: bool) -> dict:
     return out
   total = tr["total_steps"]
   left = (total - steps_done) / steps_per_s
+  notes = []
   if cc.get("enabled") and curvature:
     left += (total // cc["every_steps"] - len(curvature)) * sum(curvature) / len(curvature)
+  elif cc.get("enabled"):
+    notes.append("no curvature measurement seen: curvature is left out")
   fid_note = "FID not reached: its sampling and Inception are left out"
   if fid["sample"]:
     per_image = (phases["sample_s"] + phases["inception_s"]) / _fid_images_seen(fid, ev)
@@ -314,9 +317,10 @@ def e2e_summary(workdir: str, wall_s: float, completed: bool) -> dict:
     left += per_image * ((milestones - seen) * ev["fid_num_samples"]
                          + ev["final_fid_num_samples"])
     fid_note = "FID at the rate of the evaluations seen"
+  notes += [fid_note, "checkpoints and grids left out"]
   out["projected_s"] = wall_s + left
-  out["projection"] = (f"lower bound: the wall time so far plus the work left at the rates "
-                       f"seen ({fid_note}; checkpoints and grids left out)")
+  out["projection"] = ("lower bound: the wall time so far plus the work left at the rates "
+                       f"seen ({'; '.join(notes)})")
   return out
 
 
@@ -355,7 +359,7 @@ class Report:
   budget_s: float
   work: str
   started: str
-  date: str = datetime.date.today().isoformat()
+  date: str = dataclasses.field(default_factory=lambda: datetime.date.today().isoformat())
   notice: str = ""
   device: str = ""
   parts: list[dict] = dataclasses.field(default_factory=list)
@@ -403,9 +407,11 @@ def run_part(part: Part, work: str, smoke: bool, cap_s: float, report: Report) -
 
 def peer_unavailable() -> str:
   """Why the peer cannot run here, or "" (a missing CUDA device shows when it starts)."""
-  missing = [m for m in ("torch", "diffusers", "pytorch_fid") if importlib.util.find_spec(m) is None]
+  missing = [m for m in ("torch", "diffusers", "pytorch_fid")
+             if importlib.util.find_spec(m) is None]
   if missing:
-    return f"{', '.join(missing)} not installed: the peer needs torch with CUDA, diffusers, pytorch-fid"
+    return (f"{', '.join(missing)} not installed: the peer needs torch with CUDA, diffusers "
+            "and pytorch-fid")
   return ""
 
 
@@ -416,7 +422,8 @@ def derived_peer_figures(peers: list[dict]) -> list[dict]:
   if "torch_hutch16_over_step_bc32" in names or not (hutch and step):
     return []
   return [{"name": "torch_hutch16_over_step_bc32", "value": hutch["value"] * step["value"],
-           "unit": "x train step", "derived": "torch_hutch16_bc32_b4 x torch_train_bc32_b4_eager"}]
+           "unit": "x train step",
+           "derived": "torch_hutch16_bc32_b4 x torch_train_bc32_b4_eager, same run"}]
 
 
 def run_all(parts: list[str], out: str, work: str, smoke: bool, budget_s: float,
@@ -512,9 +519,10 @@ def _e2e_met(ours: dict, peer: dict | None) -> bool | None:
 
 
 def comparisons() -> list[Comparison]:
-  eager, compiled = ("torch_train_bc32_b4_eager",), ("torch_train_bc32_b4_reduce-overhead",
-                                                     "torch_train_bc32_b4_default")
-  sampler, inception = ("torch_ddpm50_sample_bc32_b1000_fp16",), ("torch_pytorchfid_inception_fp32",)
+  eager = ("torch_train_bc32_b4_eager",)
+  compiled = ("torch_train_bc32_b4_reduce-overhead", "torch_train_bc32_b4_default")
+  sampler = ("torch_ddpm50_sample_bc32_b1000_fp16",)
+  inception = ("torch_pytorchfid_inception_fp32",)
   return [
       Comparison("train steps/s, scan (fp32) vs the eager peer (AMP)", "train_scan_fp32",
                  "train", eager, "peer_train", ">= 300 steps/s and >= 20x",
@@ -605,8 +613,8 @@ def table_lines(figures: list[dict], peers: list[dict], statuses: dict, device: 
                 f"{c.target} | {met_text} | {_fmt(o['compile_s'])} | {_fmt(o['steady_ms'])} | "
                 f"{_fmt(o['memory_mb'])} | {o['note']} | {device} | {date} |")
   rows += ["", "| part | status | seconds | cap s | reason |", "|---|---|---|---|---|"]
-  rows += [f"| {p['name']} | {p['status']} | {p['seconds']} | {p['cap_s']} | {p['reason']} |"
-           for p in statuses.values()]
+  rows += [f"| {p['name']} | {p['status']} | {p['seconds']} | {_fmt(p['cap_s'])} | "
+           f"{p['reason']} |" for p in statuses.values()]
   if missed:
     rows += ["", "Bounds on the missed targets (XLA's counts of the program on this device):", ""]
     rows += [f"- {c.label}: {miss_bound(ours.get(c.bound_by or c.ours, o), device)}"
