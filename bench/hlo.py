@@ -133,11 +133,24 @@ class Machine:
 
 
 # H100 SXM datasheet peaks: 989 TFLOP/s dense bf16 and 495 dense TF32 on tensor cores,
-# 67 TFLOP/s float32 without them; 3.35 TB/s HBM3. About 2 us per small kernel back to back
-# (launch plus ramp-up and drain) is an assumption, not a datasheet figure.
+# 67 TFLOP/s float32 without them; 3.35 TB/s HBM3. The H200 is the same chip with 4.8 TB/s
+# HBM3e. About 2 us per small kernel back to back (launch plus ramp-up and drain) is an
+# assumption, not a datasheet figure.
 H100_BF16 = Machine("H100 bf16", 989e12, 3.35e12, 2e-6)
 H100_TF32 = Machine("H100 tf32", 495e12, 3.35e12, 2e-6)
 H100_FP32 = Machine("H100 fp32 (no TF32)", 67e12, 3.35e12, 2e-6)
+H200_BF16 = Machine("H200 bf16", 989e12, 4.8e12, 2e-6)
+H200_TF32 = Machine("H200 tf32", 495e12, 4.8e12, 2e-6)
+H200_FP32 = Machine("H200 fp32 (no TF32)", 67e12, 4.8e12, 2e-6)
+
+
+def machines(device_kind: str) -> dict[str, Machine]:
+  """{"fp32", "tf32", "bf16": Machine} of a device kind as JAX or torch names it; {} if unknown."""
+  for model, table in (("H200", (H200_FP32, H200_TF32, H200_BF16)),
+                       ("H100", (H100_FP32, H100_TF32, H100_BF16))):
+    if model in device_kind.upper():
+      return dict(zip(("fp32", "tf32", "bf16"), table))
+  return {}
 
 
 def floors_ms(flops: float, bytes_accessed: float, launches: int,

@@ -1,7 +1,9 @@
-# Vendored, unchanged below this header, from shared/bench/peers_torch.py: the PyTorch peer
-# benchmark another engineer wrote for diffdyn's comparisons (see bench/README.md there). It is
-# copied so that a GPU machine that receives only this repository can run it; it is not
-# diffdyn code and is not maintained here. Refresh it by copying the shared file again.
+# Vendored from shared/bench/peers_torch.py: the PyTorch peer benchmark another engineer wrote
+# for diffdyn's comparisons (see bench/README.md there). It is copied so that a GPU machine that
+# receives only this repository can run it; it is not diffdyn code. Changed here, for
+# bench/run.py's one budgeted command: the quick mode (PEER_QUICK, PEER_PARTS), the JSON
+# rewritten after every figure, and exit status 3 without a CUDA device. Without PEER_QUICK it
+# measures what the shared file measures.
 """Peer anchors on a GPU: what a user would pick instead of diffdyn, in PyTorch.
 
 Measures, on one machine in one run:
@@ -14,18 +16,40 @@ Measures, on one machine in one run:
     pool3 features from 32x32 inputs resized to 299: images/s.
   * DDPM ancestral sampling, 50 steps (diffusers DDPMScheduler): images/s.
 Prints one JSON line per figure and a table last.
+
+PEER_QUICK=1 keeps the strongest variant of each figure and drops the rest: base 32 only,
+train at batch 4 eager (the 20x target's reference) and torch.compile reduce-overhead (faster
+than "default"), fewer timed repeats. By the H100 figures in shared/bench/README.md that is
+about 135 s (an estimate, not a measurement: 90 s of it is reduce-overhead's compile). There
+PEER_PARTS (comma-separated train,hutch,inception,sampling; default all) picks the figures;
+`hutch` without `train` measures a fresh network and emits no ratio to a train step
+(bench/run.py derives it from the two figures).
 """
 import json, os, sys, time
 
 import torch
 
 RESULTS = []
+QUICK = os.environ.get("PEER_QUICK", "") not in ("", "0")
+PEER_PARTS = ("train", "hutch", "inception", "sampling")
+NO_CUDA_EXIT = 3
 
 
 def emit(name, value, unit, **kw):
     row = {"name": name, "value": value, "unit": unit, **kw}
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
+    write_results()
+
+
+def write_results():
+    """$OUT/peers_torch.json, replaced whole, so a run stopped early keeps every figure so far."""
+    out = os.environ.get("OUT")
+    if out:
+        path = os.path.join(out, "peers_torch.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(RESULTS, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def timeit(fn, n, warm):
@@ -60,7 +84,7 @@ def schedule(dev):
     return ac, w_minsnr
 
 
-def bench_train(bc, batch, compile_mode=None, n=200):
+def bench_train(bc, batch, compile_mode=None, n=200, warm=20):
     dev = "cuda"
     torch.manual_seed(1077)
     model = make_unet(bc).to(dev)
@@ -91,14 +115,14 @@ def bench_train(bc, batch, compile_mode=None, n=200):
     t0 = time.perf_counter()
     step(); torch.cuda.synchronize()
     first = time.perf_counter() - t0
-    sec = timeit(step, n, 20)
+    sec = timeit(step, n, warm)
     tag = compile_mode or ("compile" if compile_mode == "" else "eager")
     emit(f"torch_train_bc{bc}_b{batch}_{tag}", 1.0 / sec, "steps/s", params=nparams,
          images_per_s=batch / sec, first_step_s=round(first, 2))
     return model, sec
 
 
-def bench_hutch(model, bc, probes=16, batch=4):
+def bench_hutch(model, bc, probes=16, batch=4, n=5):
     dev = "cuda"
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,10 +134,12 @@ def bench_hutch(model, bc, probes=16, batch=4):
     a = ac[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    vals = []
+
     def trace():
         loss = (w[t] * ((model(xt, t).sample - noise) ** 2).mean((1, 2, 3))).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        vals = []
+        vals.clear()
         for _ in range(probes):
             vs = [torch.randint_like(p, 2) * 2 - 1 for p in params]
             hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
@@ -122,8 +148,9 @@ def bench_hutch(model, bc, probes=16, batch=4):
 
     from torch.nn.attention import sdpa_kernel, SDPBackend
     with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-        sec = timeit(trace, 5, 1)
-        vals = trace()
+        sec = timeit(trace, n, 1)
+        if not QUICK:
+            trace()
     emit(f"torch_hutch{probes}_bc{bc}_b{batch}", sec, "s/measurement",
          trace_mean=sum(vals) / len(vals))
     model.train()
@@ -169,8 +196,39 @@ def bench_sampling(bc, batch=1000, nfe=50):
     emit(f"torch_ddpm{nfe}_sample_bc{bc}_b{batch}_fp16", batch / sec, "images/s")
 
 
+def quick(parts):
+    """The strongest variant of each figure, base 32 only (see the module docstring)."""
+    step_s = None
+    if "train" in parts:
+        _, step_s = bench_train(32, 4, n=100, warm=10)
+        try:
+            bench_train(32, 4, compile_mode="reduce-overhead", n=200)
+        except Exception as e:
+            emit("torch_compile_ro_failed", 0, "", error=repr(e)[:200])
+    if "hutch" in parts:
+        h = bench_hutch(make_unet(32).to("cuda"), 32, n=3)
+        if step_s is not None:
+            emit("torch_hutch16_over_step_bc32", h / step_s, "x train step")
+    if "inception" in parts:
+        bench_inception()
+    if "sampling" in parts:
+        bench_sampling(32)
+
+
 def main():
+    if not torch.cuda.is_available():
+        print("peer: no CUDA device; the peer runs only on a GPU", flush=True)
+        sys.exit(NO_CUDA_EXIT)
+    parts = [p for p in os.environ.get("PEER_PARTS", ",".join(PEER_PARTS)).split(",") if p]
+    unknown = sorted(set(parts) - set(PEER_PARTS))
+    if unknown:
+        print(f"error: PEER_PARTS names {unknown}; choose from {','.join(PEER_PARTS)}")
+        sys.exit(2)
     print(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}), flush=True)
+    if QUICK:
+        quick(parts)
+        print_table()
+        return
     budget = float(os.environ.get("PEER_BUDGET_S", "420"))
     t_start = time.perf_counter()
     for bc in (32, 64):
@@ -190,10 +248,10 @@ def main():
             bench_train(32, 4, compile_mode="reduce-overhead", n=200)
         except Exception as e:
             emit("torch_compile_ro_failed", 0, "", error=repr(e)[:200])
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "peers_torch.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
+    print_table()
+
+
+def print_table():
     print("\n%-40s %14s  %s" % ("figure", "value", "unit"))
     for r in RESULTS:
         print("%-40s %14.3f  %s" % (r["name"], r["value"], r["unit"]))

@@ -200,13 +200,15 @@ class ChunkRunner:
       raise ValueError(f"unknown chunk runner {kind!r}; expected one of {CHUNK_RUNNERS}")
     self.kind = kind
     self.step = step   # the pure step, (state, images, hyperparams) -> state
-    self._step = jax.jit(step, donate_argnums=0, out_shardings=state_sharding)
+    # (state, images, hyperparams) -> state, and the same with a static num_steps last.
+    self.jitted_step = jax.jit(step, donate_argnums=0, out_shardings=state_sharding)
 
     def scan(state, images, hp, num_steps):
       return jax.lax.scan(lambda s, _: (step(s, images, hp), None), state, None,
                           length=num_steps)[0]
 
-    self._scan = jax.jit(scan, static_argnums=3, donate_argnums=0, out_shardings=state_sharding)
+    self.jitted_scan = jax.jit(scan, static_argnums=3, donate_argnums=0,
+                               out_shardings=state_sharding)
     self._compiled = {}
     self.compile_seconds = 0.0
 
@@ -216,10 +218,10 @@ class ChunkRunner:
     if key not in self._compiled:
       start = time.monotonic()
       if self.kind == "scan":
-        self._compiled[key] = self._scan.lower(state, images, hp, num_steps).compile()
+        self._compiled[key] = self.jitted_scan.lower(state, images, hp, num_steps).compile()
         what = f"the train scan of {num_steps} steps"
       else:
-        self._compiled[key] = self._step.lower(state, images, hp).compile()
+        self._compiled[key] = self.jitted_step.lower(state, images, hp).compile()
         what = "the train step"
       took = time.monotonic() - start
       self.compile_seconds += took
