@@ -78,11 +78,26 @@ def launch_main(monkeypatch, cache_dir):
       return 0 if e.code is None else e.code
     finally:
       reset_flags()
+      _forget_config_module(args)
       for logger, level in zip(loggers, levels):
         logger.setLevel(level)
     return 0
 
   return call
+
+
+def _forget_config_module(args):
+  """Drops the module config_flags loaded a --config file as (named after the file).
+
+  A later --config file of the same name would otherwise run in that module's namespace and
+  inherit its get_config, as no fresh process would.
+  """
+  paths = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+  paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+  for path in (os.path.abspath(p) for p in paths):
+    for name, module in list(sys.modules.items()):
+      if getattr(module, "__file__", None) == path and not name.startswith("experiments"):
+        del sys.modules[name]
 
 
 def reset_flags():

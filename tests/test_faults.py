@@ -32,6 +32,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import assert_one_line_error
+from conftest import one_error_line
 from conftest import run_launch
 from conftest import snapshot
 from diffdyn import io
@@ -303,9 +304,8 @@ def test_ctrl_c_checkpoints_exits_130_and_the_same_command_finishes_the_run(
                    signal=signal.SIGINT), random.Random(KILL_SEED))
   assert rc == 130, stderr[-3000:]
   assert "Traceback" not in stderr, stderr[-3000:]
-  lines = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
-  assert lines == ["interrupted at step 10 of 40 (Ctrl-C), with a checkpoint there; run the "
-                   "same command to resume"], stderr[-3000:]
+  line = one_error_line(stderr, prefix="interrupted:")
+  assert "Ctrl-C at step 10 of 40" in line and "run the same command" in line, line
   assert checkpoint_steps(workdir) == [10]
   rc, stderr = launch(args, cache_dir)
   assert rc == 0, stderr[-3000:]
@@ -402,7 +402,7 @@ FILE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES) + sorted(FILE_CASES))
 def test_bad_input_is_one_line_and_leaves_an_existing_run_alone(case, reference_run, tmp_path,
-                                                                cache_dir):
+                                                                launch_main, capsys):
   workdir = copy_run(reference_run, tmp_path)
   if case in CONFIG_CASES:
     overrides, words = CONFIG_CASES[case]
@@ -411,15 +411,18 @@ def test_bad_input_is_one_line_and_leaves_an_existing_run_alone(case, reference_
     overrides = make_overrides(str(tmp_path))
   before = snapshot(workdir)
   # --allow_config_change takes the run past the config-change check to the input's own.
-  proc = run_launch([*SMOKE, f"--workdir={workdir}", "--allow_config_change", *overrides],
-                    cache_dir)
-  assert_one_line_error(proc, *words)
+  status = launch_main(*SMOKE, f"--workdir={workdir}", "--allow_config_change", *overrides)
+  assert status == 2
+  line = one_error_line(capsys.readouterr().err)
+  for word in words:
+    assert word in line, line
   assert snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("case", ["missing file", "no get_config", "syntax error"])
 def test_bad_config_file_is_one_line_and_leaves_an_existing_run_alone(case, reference_run,
-                                                                      tmp_path, cache_dir):
+                                                                      tmp_path, launch_main,
+                                                                      capsys):
   workdir = copy_run(reference_run, tmp_path)
   bad = tmp_path / "experiment.py"
   words = ["experiment.py"]
@@ -429,8 +432,10 @@ def test_bad_config_file_is_one_line_and_leaves_an_existing_run_alone(case, refe
   elif case == "syntax error":
     bad.write_text("def get_config(:\n")
   before = snapshot(workdir)
-  proc = run_launch(["--config", str(bad), f"--workdir={workdir}"], cache_dir)
-  assert_one_line_error(proc, *words)
+  assert launch_main("--config", str(bad), f"--workdir={workdir}") == 2
+  line = one_error_line(capsys.readouterr().err)
+  for word in words:
+    assert word in line, line
   assert snapshot(workdir) == before
 
 
@@ -447,13 +452,16 @@ def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
 
 
 def test_resuming_with_another_config_is_refused_and_names_the_keys(reference_run, tmp_path,
-                                                                   cache_dir, fault_args):
+                                                                   fault_args, launch_main,
+                                                                   capsys):
   workdir = copy_run(reference_run, tmp_path)
   before = snapshot(workdir)
-  proc = run_launch([*fault_args, f"--workdir={workdir}", "--config.loss.weighting=minsnr",
-                     "--config.train.ema_decay=0.99"], cache_dir)
-  assert_one_line_error(proc, "loss.weighting: 'constant' -> 'minsnr'",
-                        "train.ema_decay: 0.999 -> 0.99", "--allow_config_change")
+  assert launch_main(*fault_args, f"--workdir={workdir}", "--config.loss.weighting=minsnr",
+                     "--config.train.ema_decay=0.99") == 2
+  line = one_error_line(capsys.readouterr().err)
+  for word in ("loss.weighting: 'constant' -> 'minsnr'", "train.ema_decay: 0.999 -> 0.99",
+               "--allow_config_change"):
+    assert word in line, line
   assert snapshot(workdir) == before
 
 
@@ -673,3 +681,63 @@ def test_disk_full_on_a_real_small_filesystem(cheap_reference, tmp_path, cache_d
   assert checkpoint_steps(str(out / "after_full")) == [20]
   assert (out / "resumed.rc").read_text().strip() == "0", (out / "resumed.log").read_text()[-3000:]
   assert_same_run(str(out / "resumed"), cheap_reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per workdir, and a metrics record that is checked, never silently cut.
+# ----------------------------------------------------------------------------------------------
+
+
+def _start(args, cache):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                          env=child_env(cache), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["at once", "staggered"])
+def test_a_second_launch_on_a_busy_workdir_exits_2_naming_the_holder(when, cheap_reference,
+                                                                    tmp_path, cache_dir):
+  workdir = str(tmp_path / "run")
+  args = [*SMOKE, *CHEAP_ARGS, "--log_level=debug", f"--workdir={workdir}"]
+  first = _start(args, cache_dir)
+  if when == "staggered":   # the second comes once the first is well into its run
+    for line in first.stderr:
+      if "saved checkpoint at step 20" in line:
+        break
+  second = _start(args, cache_dir)
+  procs = {"first": first, "second": second}
+  stderr = {name: proc.communicate(timeout=LAUNCH_TIMEOUT)[1] for name, proc in procs.items()}
+  codes = {name: proc.returncode for name, proc in procs.items()}
+  # At once, either may win the lock; staggered, the first holds it.
+  winner = "first" if when == "staggered" else min(codes, key=codes.get)
+  loser = "second" if winner == "first" else "first"
+  assert (codes[winner], codes[loser]) == (0, 2), stderr
+  line = one_error_line(stderr[loser])
+  assert f"in use by process {procs[winner].pid}" in line, line
+  assert_same_run(workdir, cheap_reference)
+
+
+@pytest.mark.parametrize("damage", ["a garbled middle line", "a cut last line", "no file"])
+def test_damaged_metrics_stop_the_resume_and_change_nothing(damage, cheap_reference, tmp_path):
+  workdir = copy_run(cheap_reference, tmp_path)
+  path = os.path.join(workdir, io.METRICS_FILE)
+  with open(path) as f:
+    lines = f.readlines()
+  if damage == "a garbled middle line":
+    lines[2] = lines[2][:10] + "#garbled#" + lines[2][10:]
+    expected = f"{io.METRICS_FILE}:3"
+  elif damage == "a cut last line":
+    lines[-1] = lines[-1][:len(lines[-1]) // 2]
+    expected = "cut off"
+  if damage == "no file":
+    os.remove(path)
+    expected = "is missing"
+  else:
+    with open(path, "w") as f:
+      f.writelines(lines)
+  before = snapshot(workdir)
+  with pytest.raises(train.UserError, match=expected) as failure:
+    train.train_and_evaluate(cheap_config(), workdir)
+  assert "--keep_damaged_metrics" in str(failure.value)
+  assert snapshot(workdir) == before
