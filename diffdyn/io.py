@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from diffdyn import tf_support
 from diffdyn.errors import RunFailed
 from diffdyn.errors import UserError
 
@@ -173,9 +174,11 @@ def make_clu_writer(workdir: str, tensorboard: bool = True):
   if not tensorboard:
     return LoggingWriter()
   try:
+    tf_support.import_tensorflow()
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    log.warning("CLU metric writers unavailable (%s): logging and metrics.jsonl only", e)
+    log.warning("CLU metric writers unavailable (%s; pip install 'diffdyn[tensorboard]'): "
+                "logging and metrics.jsonl only", e)
     return LoggingWriter()
   return metric_writers.create_default_writer(workdir, asynchronous=False)
 
@@ -349,6 +352,7 @@ class Progress:
     self._clu = None
     if use_clu:
       try:
+        tf_support.import_tensorflow()
         from clu import periodic_actions  # pylint: disable=import-outside-toplevel
         self._clu = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                                     every_secs=every_secs)
