@@ -57,6 +57,7 @@ def test_the_notebook_runs_at_smoke_size_and_shows_real_figures(tmp_path, cache_
     criteria = json.load(f)["criteria"]
   # The report found E5 as the baseline and E6 as the treatment and compared them.
   assert criteria["e6_vs_e5"].get("verdict") != "skipped", criteria["e6_vs_e5"]
+  assert "e5" in criteria["e6_vs_e5"]["roles"] and "e6" in criteria["e6_vs_e5"]["roles"]
   markdown = "".join(out["data"].get("text/markdown", "") for out in _outputs(nb)
                      if "data" in out)
   assert "E6 vs E5" in markdown
