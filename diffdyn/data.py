@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffdyn.configs import default
+from diffdyn import tf_support
 from diffdyn.errors import UserError
 
 # The data.* keys each source reads, besides name, image_size and random_flip, which all do.
@@ -190,10 +191,11 @@ def load_cifar_batches(folder: str, split: str) -> np.ndarray:
 
 def load_tfds(split: str, data_dir: str) -> np.ndarray:
   try:
+    tf_support.import_tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise UserError("tensorflow-datasets is not installed (pip install tensorflow-cpu "
-                    f"tensorflow-datasets), or {_LOCAL_HINT}") from None
+    raise UserError("tensorflow-datasets and TensorFlow are not installed (pip install "
+                    f"'diffdyn[tfds]'), or {_LOCAL_HINT}") from None
   try:
     ds = tfds.load("cifar10", split=split, data_dir=data_dir or None)
     chunks = [b["image"] for b in tfds.as_numpy(ds.batch(5000))]

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from diffdyn import tf_support
 from diffdyn.errors import RunFailed
 from diffdyn.errors import UserError
 
@@ -439,9 +440,11 @@ def make_clu_writer(workdir: str, tensorboard: bool = True):
   if not tensorboard:
     return LoggingWriter()
   try:
+    tf_support.import_tensorflow()
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    log.warning("CLU metric writers unavailable (%s): logging and metrics.jsonl only", e)
+    log.warning("CLU metric writers unavailable (%s; pip install 'diffdyn[tensorboard]'): "
+                "logging and metrics.jsonl only", e)
     return LoggingWriter()
   return metric_writers.create_default_writer(workdir, asynchronous=False)
 

@@ -1,14 +1,7 @@
 """E2: Min-SNR-5 weighting, 50k steps (seed W1-E2).
 
+The definition lives in diffdyn/configs/e2.py, so that an installed diffdyn has it too.
+
   python launch.py --config experiments/e2.py --workdir runs/e2
 """
-from diffdyn.configs import default
-
-
-def get_config():
-  config = default.get_config()
-  config.name = "e2"
-  config.loss.weighting = "minsnr"
-  config.loss.minsnr_gamma = 5.0
-  config.train.total_steps = 50_000
-  return config
+from diffdyn.configs.e2 import get_config  # noqa: F401  (the config file's entry point)

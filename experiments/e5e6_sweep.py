@@ -1,18 +1,8 @@
 """E5 + E6 with 8 seeds each, trained together: constant vs Min-SNR-5 weighting, curvature on.
 
-One program trains all 16 replicates (the weighting is a row of per-timestep loss weights, so it
-is vmapped like the seed). Each writes its own run directory, `e56_constant_seed<seed>` or
-`e56_minsnr_seed<seed>`, whose config matches experiments/e5.py or e6.py but for the name.
+The definition lives in diffdyn/configs/e5e6_sweep.py, so that an installed diffdyn has it too.
 
   python launch.py --config experiments/e5e6_sweep.py --workdir runs/e56
   python -m diffdyn.analysis report runs/e56/e56_* --out reports/e56
 """
-from experiments import e6
-
-
-def get_config():
-  config = e6.get_config()
-  config.name = "e56"
-  config.sweep.seeds = 8
-  config.sweep.loss_weighting = ("constant", "minsnr")
-  return config
+from diffdyn.configs.e5e6_sweep import get_config  # noqa: F401  (the config file's entry point)

@@ -6,6 +6,7 @@ import pytest
 from diffdyn import config as config_lib
 from diffdyn.errors import UserError
 from diffdyn.configs import default as base
+from diffdyn.configs import smoke
 
 EXPERIMENTS = ("base", "e1", "e2", "e3", "e5", "e6", "e7a", "e7b", "e7c", "smoke")
 
@@ -14,6 +15,24 @@ EXPERIMENTS = ("base", "e1", "e2", "e3", "e5", "e6", "e7a", "e7b", "e7c", "smoke
 def test_every_experiment_config_validates(name):
   config = importlib.import_module(f"experiments.{name}").get_config()
   config_lib.validate(config)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS[1:] + ("e5e6_sweep",))
+def test_experiment_files_re_export_the_package_definitions(name):
+  # One copy of each experiment: the package's, which an installed diffdyn has too.
+  package = importlib.import_module(f"diffdyn.configs.{name}")
+  assert importlib.import_module(f"experiments.{name}").get_config is package.get_config
+
+
+def test_smoke_size_keeps_what_the_experiment_measures():
+  e6 = importlib.import_module("diffdyn.configs.e6").get_config()
+  small = smoke.smoke_size(importlib.import_module("diffdyn.configs.e6").get_config())
+  config_lib.validate(small)
+  assert (small.loss.weighting, small.curvature.enabled, small.curvature.objective,
+          small.fid.enabled) == (e6.loss.weighting, True, "both", True)
+  assert (small.data.name, small.model.base_channels, small.train.total_steps) == (
+      "synthetic", 8, 40)
+  assert (small.name, small.seed, small.loss.minsnr_gamma) == ("e6", 1077, 5.0)
 
 
 def test_experiments_set_the_seed_knobs():

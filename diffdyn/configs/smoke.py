@@ -1,0 +1,50 @@
+"""Smoke test: the whole pipeline (train, curvature, samples) on the CPU in under a minute.
+
+Synthetic 16x16 images, a width-8 two-level UNet, 40 steps. FID is off because it needs the
+Inception weights; add `--config.fid.enabled=True --config.fid.inception_weights=FILE` to
+exercise it too. `smoke_size` shrinks any experiment the same way (the notebook's SMOKE switch).
+
+`experiments/smoke.py` re-exports this config for `launch.py --config`.
+"""
+from diffdyn.configs import default
+
+
+def smoke_size(config):
+  """Shrinks `config` in place to the smoke test's data, network, steps and measurement sizes.
+
+  What the experiment measures (weighting, curvature on or off and on which objective, FID on
+  or off) stays as it is.
+  """
+  config.data.name = "synthetic"
+  config.data.image_size = 16
+  config.data.synthetic_num_images = 256
+  config.model.image_size = 16
+  config.model.base_channels = 8
+  config.model.channel_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (8,)
+  config.diffusion.num_timesteps = 100
+  config.train.total_steps = 40
+  config.train.log_every_steps = 10
+  config.train.checkpoint_every_steps = 20
+  config.curvature.every_steps = 10
+  config.curvature.num_probes = 4
+  config.curvature.batch_size = 4
+  config.eval.fid_every_steps = 20
+  config.eval.fid_num_samples = 16
+  config.eval.final_fid_num_samples = 32
+  config.eval.sample_batch_size = 16
+  config.eval.nfe = 10
+  config.eval.grid_num_samples = 16
+  config.eval.grid_nfe = 5
+  config.fid.batch_size = 16
+  return config
+
+
+def get_config():
+  config = smoke_size(default.get_config())
+  config.name = "smoke"
+  config.curvature.enabled = True
+  config.curvature.objective = "both"
+  config.fid.enabled = False
+  return config
