@@ -6,10 +6,14 @@ run with (after its overrides) without running it. Running the same command agai
 run from its latest checkpoint. Mistakes in the input are reported as one line and exit status
 2; a run that fails while training exits 3, and one stopped by Ctrl-C exits 130.
 """
-import logging
-import os
-import re
-import sys
+import time
+
+_STARTED = time.monotonic()   # before the imports, which take seconds of a run's wall time
+
+import logging  # pylint: disable=wrong-import-position
+import os  # pylint: disable=wrong-import-position
+import re  # pylint: disable=wrong-import-position
+import sys  # pylint: disable=wrong-import-position
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -166,6 +170,8 @@ def _main(argv) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   logging.getLogger("diffdyn").setLevel(_LOG_LEVEL.value.upper())
   from diffdyn import train  # pylint: disable=import-outside-toplevel
+  logging.getLogger("diffdyn").info("started in %.1f s (Python, JAX and diffdyn imports, the "
+                                    "config)", time.monotonic() - _STARTED)
   try:
     final = train.train_and_evaluate(config, _WORKDIR.value,
                                      allow_config_change=_ALLOW_CONFIG_CHANGE.value,

@@ -772,8 +772,8 @@ class Progress:
 
   def __init__(self, total_steps: int, every_secs: float = 30.0, replicates: int = 1):
     self.total_steps = total_steps
+    self.replicates = replicates   # a sweep's lines say how many runs each step is
     self._every = every_secs
-    self._replicates = replicates
     self._lock = threading.Lock()
     self._last_line = time.monotonic()
     self._phase, self._phase_start = "setting up", time.monotonic()
@@ -803,7 +803,7 @@ class Progress:
         return
       self._last_line = now
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
-    per = f" x {self._replicates} replicates" if self._replicates > 1 else ""
+    per = f" x {self.replicates} replicates" if self.replicates > 1 else ""
     log.info("step %d/%d (%.0f%%), %.1f steps/s%s, ETA %s", step, self.total_steps,
              100 * step / self.total_steps, steps_per_sec, per, _hms(eta))
 

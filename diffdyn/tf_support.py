@@ -7,6 +7,7 @@ TensorFlow initializes its devices, so every place in diffdyn that imports Tenso
 CLU goes through `import_tensorflow` first.
 """
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,10 @@ def import_tensorflow():
   GPUs visible), the GPUs cannot be hidden any more: that is a warning, not an error, since
   the run itself still works.
   """
+  # Its C++ start-up lines (oneDNN's notice, absl's "before InitializeLog") say nothing about a
+  # run whose TensorFlow only reads files and writes summaries; a user's own setting wins.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   try:
     tf.config.experimental.set_visible_devices([], "GPU")

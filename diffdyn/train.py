@@ -212,9 +212,15 @@ class ChunkRunner:
     self._compiled = {}
     self.compile_seconds = 0.0
 
+  def _key(self, num_steps: int):
+    return num_steps if self.kind == "scan" else "step"
+
+  def is_compiled(self, num_steps: int) -> bool:
+    return self._key(num_steps) in self._compiled
+
   def compiled(self, state, images, hp, num_steps: int):
     """The executable a chunk of `num_steps` runs (compiling it now if it is new)."""
-    key = num_steps if self.kind == "scan" else "step"
+    key = self._key(num_steps)
     if key not in self._compiled:
       start = time.monotonic()
       if self.kind == "scan":
@@ -428,9 +434,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   stop.install()   # from here on, a SIGTERM or Ctrl-C during setup also ends the run cleanly
   try:
     with contextlib.ExitStack() as closing:
+      # Progress lines from the start: a cold setup compiles for tens of seconds.
+      progress = closing.enter_context(io.Progress(config.train.total_steps))
       run = _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluators,
-                    devices, split, clock, closing)
-      return _event_loop(config, run, stop, clock)
+                    devices, split, clock, progress, closing)
+      return _event_loop(config, run, stop, clock, progress)
   finally:
     stop.uninstall()
 
@@ -448,7 +456,8 @@ class _Run:
 
 
 def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluators, devices,
-            split, clock: io.Clock, closing: contextlib.ExitStack) -> _Run:
+            split, clock: io.Clock, progress: io.Progress,
+            closing: contextlib.ExitStack) -> _Run:
   """Checks every input, restores or creates the state, then opens the run's files.
 
   Nothing is written into `workdir` until every check has passed: a bad input, a checkpoint
@@ -457,7 +466,9 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
   with clock.phase("setup"):
     if not jax.config.jax_compilation_cache_dir:
       io.enable_compilation_cache()
+    progress.set_phase("setting up")
     replicas = sweep.get_replicas(config, workdir, devices, split)
+    progress.replicates = replicas.size
     if replicas.stacked:
       log.info("sweep of %d replicates on %d devices (split: %s)", replicas.size,
                replicas.placement.mesh.size, replicas.placement.split)
@@ -466,6 +477,7 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
     for handler in handlers.values():
       handler.check(config)
     cc = config.curvature
+    progress.set_phase("loading the data")
     images_host = data_lib.load_images(
         config.data, batch_size=config.train.batch_size,
         probe_batch_size=cc.batch_size if cc.enabled and cc.batch == "fixed" else 0)
@@ -476,6 +488,7 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
     program = build_program(config, replicas)
     images = sweep.put(images_host, replicas.placement.replicated)
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    progress.set_phase("restoring the latest checkpoint, or compiling the initial state")
     state, meta, resumed_at, damaged = _restore(program, ckpt_dir, config, workdir)
     clock.compiled("init", program.init_compile_seconds, phase="setup")
     step = int(sweep.fetch(state.step).reshape(-1)[0])
@@ -493,6 +506,7 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
           zip(replicas.run_dirs, [r.config for r in replicas.runs]) if replicas.stacked else ())):
         io.write_config_json(directory, config_lib.to_dict(run_config))
         io.append_config_history(directory, config_lib.to_dict(run_config), step)
+    progress.set_phase("opening the checkpoints and the metric writers")
     checkpoints = io.Checkpoints(ckpt_dir, config.train.keep_checkpoints)
     closing.callback(checkpoints.close)
     for bad_step, why in damaged:
@@ -508,6 +522,7 @@ def _set_up(config, workdir, allow_config_change, keep_damaged_metrics, evaluato
       closing.callback(writer.close)
       closing.callback(writer.flush)   # callbacks run last-in first-out: flush, then close
     setup = evaluate.Setup(program.model, program.schedule, images)
+    progress.set_phase("setting up the evaluators")
     for handler in handlers.values():
       handler.setup(setup)
   infos = [evaluate.RunInfo.of(r.name if replicas.stacked else r.config.name, r.config)
@@ -560,7 +575,8 @@ def _restore(program: Program, ckpt_dir: str, config, workdir: str):
   return state, meta, step, damaged
 
 
-def _event_loop(config, run: _Run, stop: StopRequest, clock: io.Clock) -> dict:
+def _event_loop(config, run: _Run, stop: StopRequest, clock: io.Clock,
+                progress: io.Progress) -> dict:
   """Runs to each event step, writes all of that step's metrics, then checkpoints it.
 
   Writes come before the checkpoint, so a run killed between the two resumes from an earlier
@@ -571,59 +587,57 @@ def _event_loop(config, run: _Run, stop: StopRequest, clock: io.Clock) -> dict:
   step = int(sweep.fetch(state.step).reshape(-1)[0])
   total = config.train.total_steps
   take = replicas.take_fn()
-  progress = io.Progress(total, replicates=replicas.size)
   final = [{} for _ in replicas.runs]
   run_steps, train_seconds = 0, 0.0
-  with progress:
-    while step < total and not stop.requested:
-      target = next_event_step(config, step)
-      log.debug("training steps %d to %d", step, target)
-      compiled_before = program.runner.compile_seconds
-      with clock.phase("train") as phase:
-        progress.set_phase("training" if compiled_before or program.runner.kind == "loop"
-                           else "compiling the train program")
-        state = program.runner(state, run.images, program.hyperparams, target - step)
-        sums = replicas.unstack(sweep.fetch(state.sums))   # waits for the chunk
-      compiled = program.runner.compile_seconds - compiled_before
-      clock.compiled("train", compiled)
-      for r, s in zip(replicas.runs, sums):
-        check_finite(s, r.name if replicas.stacked else None)
-      train_seconds += phase.seconds - compiled
-      run_steps += target - step
-      step = target
-      steps_per_sec = run_steps / train_seconds if train_seconds > 0 else float("nan")
-      progress.report(step, steps_per_sec)
-      events = due_events(config, step)
-      if "log" in events:
+  while step < total and not stop.requested:
+    target = next_event_step(config, step)
+    log.debug("training steps %d to %d", step, target)
+    compiled_before = program.runner.compile_seconds
+    with clock.phase("train") as phase:
+      progress.set_phase("training" if program.runner.is_compiled(target - step)
+                         else "compiling the train program")
+      state = program.runner(state, run.images, program.hyperparams, target - step)
+      sums = replicas.unstack(sweep.fetch(state.sums))   # waits for the chunk
+    compiled = program.runner.compile_seconds - compiled_before
+    clock.compiled("train", compiled)
+    for r, s in zip(replicas.runs, sums):
+      check_finite(s, r.name if replicas.stacked else None)
+    train_seconds += phase.seconds - compiled
+    run_steps += target - step
+    step = target
+    steps_per_sec = run_steps / train_seconds if train_seconds > 0 else float("nan")
+    progress.report(step, steps_per_sec)
+    events = due_events(config, step)
+    if "log" in events:
+      with clock.phase("writes"):
+        for i, writer in enumerate(run.writers):
+          scalars = train_metrics(sums[i])
+          scalars["time/steps_per_sec"] = steps_per_sec
+          scalars["time/compile_seconds"] = clock.total_compile()
+          if replicas.stacked:
+            scalars["time/replicates"] = replicas.size
+          writer.write_scalars(step, scalars)
+          final[i].update(scalars)
+      state = state.replace(sums=program.zero_sums())
+    due = [(name, h) for name, h in run.evaluators.items() if h.due(events)]
+    for i in range(replicas.size if due else 0):
+      view = take(state, i)
+      for name, handler in due:
+        log.debug("running %s at step %d", name, step)
+        progress.set_phase(f"{name} at step {step}")
+        with clock.phase(name):
+          result = handler(view, step, events, run.infos[i])
+        for program_name, seconds in result.compile_seconds.items():
+          clock.compiled(program_name, seconds, phase=name)
         with clock.phase("writes"):
-          for i, writer in enumerate(run.writers):
-            scalars = train_metrics(sums[i])
-            scalars["time/steps_per_sec"] = steps_per_sec
-            scalars["time/compile_seconds"] = clock.total_compile()
-            if replicas.stacked:
-              scalars["time/replicates"] = replicas.size
-            writer.write_scalars(step, scalars)
-            final[i].update(scalars)
-        state = state.replace(sums=program.zero_sums())
-      due = [(name, h) for name, h in run.evaluators.items() if h.due(events)]
-      for i in range(replicas.size if due else 0):
-        view = take(state, i)
-        for name, handler in due:
-          log.debug("running %s at step %d", name, step)
-          progress.set_phase(f"{name} at step {step}")
-          with clock.phase(name):
-            result = handler(view, step, events, run.infos[i])
-          for program_name, seconds in result.compile_seconds.items():
-            clock.compiled(program_name, seconds, phase=name)
-          with clock.phase("writes"):
-            _write_result(run.writers[i], replicas.run_dirs[i], step, result)
-          final[i].update(result.scalars)
-      if "checkpoint" in events or stop.requested:
-        progress.set_phase(f"saving the checkpoint of step {step}")
-        with clock.phase("checkpoints"):
-          for writer in run.writers:
-            writer.flush()
-          run.checkpoints.save(step, state, {"wall_time": run.writers[0].wall_time})
+          _write_result(run.writers[i], replicas.run_dirs[i], step, result)
+        final[i].update(result.scalars)
+    if "checkpoint" in events or stop.requested:
+      progress.set_phase(f"saving the checkpoint of step {step}")
+      with clock.phase("checkpoints"):
+        for writer in run.writers:
+          writer.flush()
+        run.checkpoints.save(step, state, {"wall_time": run.writers[0].wall_time})
   if stop.requested:
     log.warning("%s: stopped at step %d with a checkpoint; run the same command to resume",
                 stop.signal_name, step)

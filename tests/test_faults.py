@@ -265,6 +265,7 @@ INTERRUPTIONS = [
 KILL_SEED = 7
 
 
+@pytest.mark.slow
 def test_killed_anywhere_the_same_command_finishes_the_same_run(reference_run, tmp_path,
                                                                cache_dir, fault_args):
   workdir = str(tmp_path / "run")
@@ -294,6 +295,7 @@ def test_killed_anywhere_the_same_command_finishes_the_same_run(reference_run, t
     assert grid == f.read()
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_exits_130_and_the_same_command_finishes_the_run(
     cheap_reference, tmp_path, cache_dir):
   workdir = str(tmp_path / "run")
@@ -401,9 +403,9 @@ FILE_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES) + sorted(FILE_CASES))
-def test_bad_input_is_one_line_and_leaves_an_existing_run_alone(case, reference_run, tmp_path,
+def test_bad_input_is_one_line_and_leaves_an_existing_run_alone(case, cheap_reference, tmp_path,
                                                                 launch_main, capsys):
-  workdir = copy_run(reference_run, tmp_path)
+  workdir = copy_run(cheap_reference, tmp_path)
   if case in CONFIG_CASES:
     overrides, words = CONFIG_CASES[case]
   else:
@@ -420,10 +422,10 @@ def test_bad_input_is_one_line_and_leaves_an_existing_run_alone(case, reference_
 
 
 @pytest.mark.parametrize("case", ["missing file", "no get_config", "syntax error"])
-def test_bad_config_file_is_one_line_and_leaves_an_existing_run_alone(case, reference_run,
+def test_bad_config_file_is_one_line_and_leaves_an_existing_run_alone(case, cheap_reference,
                                                                       tmp_path, launch_main,
                                                                       capsys):
-  workdir = copy_run(reference_run, tmp_path)
+  workdir = copy_run(cheap_reference, tmp_path)
   bad = tmp_path / "experiment.py"
   words = ["experiment.py"]
   if case == "no get_config":
@@ -451,13 +453,12 @@ def test_unwritable_workdir_is_one_line(tmp_path, cache_dir):
   assert not os.path.exists(target)
 
 
-def test_resuming_with_another_config_is_refused_and_names_the_keys(reference_run, tmp_path,
-                                                                   fault_args, launch_main,
-                                                                   capsys):
-  workdir = copy_run(reference_run, tmp_path)
+def test_resuming_with_another_config_is_refused_and_names_the_keys(cheap_reference, tmp_path,
+                                                                   launch_main, capsys):
+  workdir = copy_run(cheap_reference, tmp_path)
   before = snapshot(workdir)
-  assert launch_main(*fault_args, f"--workdir={workdir}", "--config.loss.weighting=minsnr",
-                     "--config.train.ema_decay=0.99") == 2
+  assert launch_main(*SMOKE, *CHEAP_ARGS, f"--workdir={workdir}",
+                     "--config.loss.weighting=minsnr", "--config.train.ema_decay=0.99") == 2
   line = one_error_line(capsys.readouterr().err)
   for word in ("loss.weighting: 'constant' -> 'minsnr'", "train.ema_decay: 0.999 -> 0.99",
                "--allow_config_change"):
@@ -645,6 +646,7 @@ def _can_mount_tmpfs():
     return False
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_small_filesystem(cheap_reference, tmp_path, cache_dir):
   """A tmpfs that fills up during the second checkpoint, for real; then space comes back.
 
