@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_DEFAULTS.spike_window,
                    help="E6 (b) window as fractions of total steps (default: %(default)s)")
   rep.add_argument("--spike-factor", type=float, default=_DEFAULTS.spike_factor,
-                   help="spike = above this times the baseline median (default: %(default)s)")
+                   help="the seeds' literal spike line: this times the baseline median "
+                        "(level-sensitive, not used in the verdict; default: %(default)s)")
+  rep.add_argument("--spike-k", type=float, default=_DEFAULTS.spike_k,
+                   help="detrended spike: more than this many robust SDs (MAD) above the "
+                        "run's rolling median (default: %(default)s)")
+  rep.add_argument("--spike-median-window", type=int, default=_DEFAULTS.spike_median_window,
+                   metavar="POINTS", help="logged points in the rolling median, odd "
+                   "(default: %(default)s)")
   rep.add_argument("--curvature-drop", type=float, default=_DEFAULTS.curvature_drop,
                    help="E6 (a) success: relative drop at least this (default: %(default)s)")
   rep.add_argument("--fid-tolerance", type=float, default=_DEFAULTS.fid_tolerance,
@@ -116,7 +123,8 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _options(args: argparse.Namespace) -> criteria.Options:
   return criteria.Options(
       late_window=tuple(args.late_window), spike_window=tuple(args.spike_window),
-      spike_factor=args.spike_factor, curvature_drop=args.curvature_drop,
+      spike_factor=args.spike_factor, spike_k=args.spike_k,
+      spike_median_window=args.spike_median_window, curvature_drop=args.curvature_drop,
       fid_tolerance=args.fid_tolerance, practical_threshold=args.practical_threshold,
       confidence=args.confidence)
 
@@ -131,7 +139,7 @@ def _summary_lines(result: dict) -> list[str]:
     lines.append(f"E6 vs E5 ({e6['treatment']} vs {e6['baseline']}): useful probe "
                  f"{e6['overall']['verdict']}")
     for name, block in (("late window", e6["train_objective"]["mean_change"]),
-                        ("spike window", e6["train_objective"]["spikes"])):
+                        ("spike window", e6["train_objective"]["detrended_spikes"])):
       for rows in block.get("per_run", {}).values():
         for row in rows:
           lines.append(f"  {name} for {row['run']}: steps {row['steps'][0]}-{row['steps'][1]}")
@@ -144,8 +152,8 @@ def _summary_lines(result: dict) -> list[str]:
   if assoc.get("verdict") == criteria.SKIPPED:
     lines.append(f"curvature-FID association: skipped ({assoc['reason']})")
   else:
-    lines.append(f"curvature-FID association: n = {assoc['n']}, Spearman "
-                 f"{assoc['readings']['spearman']}, partial given step "
+    lines.append(f"curvature-FID association ({assoc['parameters']} parameters): n = "
+                 f"{assoc['n']}, Spearman {assoc['readings']['spearman']}, partial given step "
                  f"{assoc['readings']['partial_spearman_given_step']}")
   return lines
 
