@@ -23,6 +23,7 @@ from diffdyn.analysis import criteria
 from diffdyn.analysis import roles
 from diffdyn.analysis import runs as runs_lib
 from diffdyn.analysis import stats
+from diffdyn.analysis import yardsticks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CURV = "curvature/hutch_trace_mean"
@@ -774,6 +775,87 @@ def test_e7_missing_role_is_skipped(tmp_path):
   assert result["interpretation"]["outcome"] == "incomplete"
 
 
+def test_planted_one_over_n_bias_does_not_move_best_step(tmp_path):
+  # True FID 203.6 at 2k rising by 0.3 per milestone to 204.8 at 10k. Planted bias c / N with
+  # c = 40000: +4.0 on the 10k-sample milestones, +0.8 on the 50k-sample final FID. The final
+  # FID (205.6) is below every milestone (>= 207.6), so a minimum over both would put the best
+  # at 10k, the end; over the milestones alone it is at 2k, where the true curve has it.
+  true = {2000: 203.6, 4000: 203.9, 6000: 204.2, 8000: 204.5, 10000: 204.8}
+  records = [{"step": s, MILESTONE: f + 40000 / 10_000} for s, f in true.items()]
+  records.append({"step": 10_000, FINAL: true[10_000] + 40000 / 50_000})
+  config = make_config("e7a", 1077)
+  config["eval"] = dict(fid_num_samples=10_000, final_fid_num_samples=50_000)
+  run = analysis.load_run(write_run(tmp_path, "e7a", records, config))
+  best = criteria.best_fid(run)
+  assert (best["step"], best["best_fid"], best["num_evaluations"]) == (2000, 207.6, 5)
+  bias = criteria.fid_bias(run)
+  # (208.8 - 205.6) / (1e-4 - 2e-5) = 40000 exactly, up to float round-off (~1e-12).
+  assert bias["slope"] == pytest.approx(40000.0, rel=1e-9)
+  assert bias["bias_at_milestone_samples"] == pytest.approx(4.0, rel=1e-9)
+  assert bias["bias_at_final_samples"] == pytest.approx(0.8, rel=1e-9)
+  assert bias["fid_at_infinite_samples"] == pytest.approx(204.8, rel=1e-9)
+
+
+def test_fid_bias_needs_both_evaluations_at_one_step(tmp_path):
+  records = [{"step": 8000, MILESTONE: 210.0}, {"step": 10_000, FINAL: 205.0}]
+  run = analysis.load_run(write_run(tmp_path, "r", records, make_config("r")))
+  result = criteria.guarded(criteria.fid_bias, run)
+  assert result["verdict"] == "skipped" and "no milestone FID at step 10000" in result["reason"]
+
+
+def write_e7_prefix(root, seeds, later):
+  """E7a (10k) and E7b (50k) sharing `seeds`; E7b repeats E7a's milestones up to 10k and then
+  logs `later` (20 values), as a run that differs only in length does."""
+  paths = []
+  for i, seed in enumerate(seeds):
+    first = [210.0 + 0.1 * i, 211.0, 212.0, 213.0, 214.0]
+    a = [{"step": 2000 * (i + 1), MILESTONE: f} for i, f in enumerate(first)]
+    b = a + [{"step": 12_000 + 2000 * i, MILESTONE: f} for i, f in enumerate(later)]
+    paths.append(write_run(root, f"e7a_s{seed}", a, make_config("e7a", seed)))
+    paths.append(write_run(root, f"e7b_s{seed}", b, make_config("e7b", seed, total_steps=50_000)))
+  return groups_of(*paths)
+
+
+def test_e7_steps_effect_at_matched_milestones_and_whole_run_counts(tmp_path):
+  # E7b's 20 later milestones scatter below E7a's whole run (down to 205). Over the whole
+  # run E7b's minimum is over 25 evaluations against E7a's 5; at matched milestones (<= 10k)
+  # both are over the same 5, which here are the same numbers: the runs coincide.
+  later = [209.0 - 0.2 * i for i in range(20)]
+  groups = write_e7_prefix(tmp_path, (1077, 1078, 1079, 1080), later)
+  found, _, _ = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  matched = result["steps_effect"]
+  assert matched["matched"] and matched["max_step"] == 10_000
+  assert matched["num_evaluations"] == {"reference": [5] * 4, "variant": [5] * 4}
+  assert matched["milestones"]["steps"] == [2000, 4000, 6000, 8000, 10000]
+  assert matched["milestones"]["coincide"]
+  assert matched["pairing"]["paired"]
+  # Paired differences all 0: the sign-flip test cannot reject (every pattern ties): p = 1.
+  assert matched["difference"].estimate == 0.0 and matched["difference"].p_value == 1.0
+  assert matched["verdict"] == "not distinguishable"
+  whole = result["steps_effect_over_run"]
+  assert not whole["matched"]
+  assert whole["num_evaluations"] == {"reference": [5] * 4, "variant": [25] * 4}
+  assert whole["difference"].estimate == pytest.approx(later[-1] - np.mean(
+      [210.0 + 0.1 * i for i in range(4)]), abs=1e-9)
+  text = analysis.write_report(analysis.load_runs(
+      [r.path for g in groups for r in g.runs]), tmp_path / "out").read_text()
+  assert "minimum over 25 milestone(s) for e7b and 5 for e7a" in text
+  assert "these are the same numbers" in text.lower()
+
+
+def test_e7_zero_variance_pair_says_no_spread(tmp_path):
+  # Every seed of each group has the same best FID: no spread, so no interval and no test.
+  groups = groups_of(*write_e7(tmp_path, 203.6, 203.6, 203.2, noise=(0.0, 0.0, 0.0)))
+  found, _, _ = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  message = "no spread: 3 and 3 runs, identical values in each group"
+  assert result["capacity_effect"]["difference"].method == message
+  assert result["capacity_effect"]["verdict"] == f"cannot be decided ({message})"
+  assert result["best_fid"]["e7a"]["best_fid"].method == "no spread: 3 runs, identical values"
+  assert result["interpretation"]["text"].startswith(f"cannot be decided: {message}")
+
+
 # --------------------------------------------------------------------------- association
 
 
@@ -824,6 +906,86 @@ def test_association_with_too_few_pairs_is_skipped(tmp_path):
   assert result["verdict"] == "skipped"
   assert "mismatched: 1 milestone(s)" in result["reason"] and "ema: 0 milestone(s)" in (
       result["reason"])
+
+
+EMA_REF = "curvature/ema/ref/hutch_trace_mean"
+RAW_FID = "val/fid_milestone_raw/fid"
+
+
+def test_association_pairs_matched_parameters(tmp_path):
+  # Planted: EMA curvature falls with step while EMA FID rises (exactly linear: r = -1); raw
+  # curvature and raw FID both fall (r = +1). Matched parameters give the EMA reading on top
+  # and the raw one beside it; the mismatched pairing is not used.
+  paths = []
+  for i in range(2):
+    steps = np.arange(100, 10001, 100)
+    records = (series_records(REF, steps, 900.0 - 0.05 * steps + i)
+               + series_records(EMA_REF, steps, 800.0 - 0.04 * steps + i))
+    for m in (2000, 4000, 6000, 8000, 10000):
+      records.append({"step": m, MILESTONE: 750.0 - 0.5 * (800.0 - 0.04 * m + i),
+                      RAW_FID: 100.0 + 0.2 * (900.0 - 0.05 * m + i)})
+    paths.append(write_run(tmp_path, f"r{i}", records,
+                           make_config(f"r{i}", i, weighting="minsnr")))
+  result = criteria.curvature_fid_association(analysis.load_runs(paths))
+  assert result["parameters"] == "ema" and result["n"] == 10
+  assert {p["key"] for p in result["pairs"]} == {EMA_REF}
+  assert {p["fid_key"] for p in result["pairs"]} == {MILESTONE}
+  assert result["measures"]["pearson"].estimate == pytest.approx(-1.0, abs=1e-9)
+  raw = result["by_parameters"]["raw"]
+  assert raw["measures"]["pearson"].estimate == pytest.approx(1.0, abs=1e-9)
+  assert all("different parameters" not in n for n in result["notes"])
+
+
+def test_association_falls_back_to_mismatched_pairs_with_a_note(tmp_path):
+  steps = np.arange(100, 10001, 100)
+  records = series_records(CURV, steps, 1000.0 - 0.05 * steps)
+  records += [{"step": m, MILESTONE: 200.0 + m / 1000} for m in range(2000, 10001, 2000)]
+  config = make_config("r")
+  config["train"]["ema_decay"] = 0.999
+  result = criteria.curvature_fid_association(
+      [analysis.load_run(write_run(tmp_path, "r", records, config))])
+  assert result["parameters"] == "mismatched"
+  assert "999 steps at decay 0.999" in result["notes"][0]
+  assert result["by_parameters"]["ema"]["verdict"] == "skipped"
+
+
+# --------------------------------------------------------------------------- yardsticks
+
+
+def test_ema_init_weight_by_hand():
+  # No warm-up: 0.999^s; the issue's 13.5% at 2k and 1.8% at 4k.
+  got = yardsticks.ema_init_weight([0, 2000, 4000], 0.999, warmup=False)
+  assert got == pytest.approx([1.0, 0.999 ** 2000, 0.999 ** 4000], rel=1e-9)
+  assert (round(got[1], 3), round(got[2], 3)) == (0.135, 0.018)
+  # Warm-up: prod_{t<s} (1 + t)/(10 + t) = s! 9! / (s + 9)! while that ratio is below d
+  # (t < 8991 at d = 0.999). Compared in logs (lgamma): round-off ~1e-12 relative.
+  s = np.array([1, 100, 1000])
+  closed = np.exp([math.lgamma(n + 1) + math.lgamma(10) - math.lgamma(n + 10) for n in s])
+  assert yardsticks.ema_init_weight(s, 0.999, warmup=True) == pytest.approx(closed, rel=1e-9)
+  assert yardsticks.ema_decays(0.999, True, 9000)[[0, 8990, 8999 - 1]] == pytest.approx(
+      [0.1, 8991 / 9000, 0.999], abs=1e-12)
+
+
+def test_weighting_effect_of_minsnr5_with_eps_and_linear_betas():
+  # Reference from the formulas: SNR = ab / (1 - ab) with ab = cumprod(1 - linspace(1e-4,
+  # 0.02, 1000)); Min-SNR-5's eps weight min(SNR, 5)/SNR is below 1 exactly where SNR > 5.
+  ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  snr = ab / (1 - ab)
+  config = make_config("e6", weighting="minsnr")
+  got = yardsticks.weighting_effect(config)
+  assert got["changed_timesteps"] == int(np.sum(snr > 5)) == 130
+  assert got["changed_below_t"] == 130 and got["fraction_changed"] == 0.13
+  assert got["weight_at_t0"] == pytest.approx(5 / snr[0], rel=1e-9)  # 5 / 9999
+  assert yardsticks.weighting_effect(make_config("e5"))["changed_timesteps"] == 0
+
+
+def test_training_budget_against_ddpm():
+  config = make_config("e5")
+  config["data"] = dict(name="cifar10", split="train", path="")
+  got = yardsticks.training_budget(config, 10_000)
+  assert got["images_seen"] == 40_000
+  assert got["fraction_of_reference"] == pytest.approx(40_000 / (800_000 * 128), abs=1e-15)
+  assert got["epochs"] == pytest.approx(0.8, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- report and CLI
@@ -877,6 +1039,30 @@ def test_report_renders_figures_markdown_and_strict_json(tmp_path):
   mean_change = payload["criteria"]["e6_vs_e5"]["train_objective"]["mean_change"]
   assert mean_change["relative_change"]["estimate"] == pytest.approx(-0.2, abs=TOL)
   assert payload["criteria"]["e7"]["best_fid"]["e7a"]["seeds"] == 2
+
+
+def test_report_why_fid_section_numbers(tmp_path):
+  # E5/E6 at the seeds' settings (linear betas, T = 1000, eps, EMA 0.999 without warm-up,
+  # batch 4, CIFAR-10 train) with milestones every 2000 steps to 10k.
+  paths = []
+  for name, weighting in (("e5", "constant"), ("e6", "minsnr")):
+    config = make_config(name, 1077, weighting)
+    config["data"] = dict(name="cifar10", split="train", path="")
+    config["eval"] = dict(fid_num_samples=10_000, final_fid_num_samples=50_000)
+    records = [{"step": s, MILESTONE: 210.0 - s / 1000} for s in range(2000, 10001, 2000)]
+    records.append({"step": 10_000, FINAL: 198.0})
+    paths.append(write_run(tmp_path, name, records, config))
+  text = analysis.write_report(analysis.load_runs(paths), tmp_path / "out").read_text()
+  why = text[text.index("## Why is FID ~ 200?"):text.index("# Figures")]
+  assert "10,000 steps x batch 4 = 40,000 images seen: 0.039% of DDPM" in why
+  assert "0.80 epochs of the 50,000 training images" in why
+  assert "2000: 13.5%; 4000: 1.8%" in why and "Above 5% at step(s) 2000" in why
+  assert "weight != 1 at 130 of 1000 timesteps (13.0%), all t < 130" in why
+  assert "constant: every timestep has weight 1" in why
+  # Bias: (200 - 198) / (1e-4 - 2e-5) = 25000, so 2.5 on milestones and 0.5 on the final FID.
+  assert "milestone FIDs sit about 2.5 above" in why and "final FIDs about 0.5" in why
+  payload = json.loads((tmp_path / "out" / "criteria.json").read_text())
+  assert payload["fid_context"][1]["weighting"]["changed_timesteps"] == 130
 
 
 def test_report_different_step_grids_say_so(tmp_path):
@@ -938,8 +1124,17 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_cli_report_prints_windows_and_writes_files(tmp_path):
   b, t = write_e6_pair(tmp_path, total=1000)
-  proc = run_cli("report", b, t, "--out", tmp_path / "out", "--late-window", "0.5", "1.0")
+  proc = run_cli("report", b, t, "--out", tmp_path / "out", "--late-window", "0.5", "1.0",
+                 "--spike-k", "5", "--spike-median-window", "7")
   assert proc.returncode == 0, proc.stderr
+  options = json.loads((tmp_path / "out" / "criteria.json").read_text())["options"]
+  assert (options["spike_k"], options["spike_median_window"]) == (5.0, 7)
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "k = 5 noise SDs above the run's own rolling median over 7 logged points" in text
+  bad = run_cli("report", b, t, "--out", tmp_path / "out2", "--spike-median-window", "4")
+  assert bad.returncode == 2
+  assert bad.stderr.splitlines() == ["error: spike_median_window must be an odd integer >= 3, "
+                                     "got 4"]
   assert "late window for e5 seed 1077: steps 500-1000" in proc.stdout
   assert "spike window for e6 seed 1077: steps 200-1000" in proc.stdout
   assert (tmp_path / "out" / "report.md").is_file()
