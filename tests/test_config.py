@@ -87,3 +87,15 @@ def test_inconsistent_values_are_caught():
   config.model.image_size = 30
   with pytest.raises(UserError, match="image_size"):
     config_lib.validate(config)
+
+
+def test_a_schedule_that_does_not_reach_noise_is_refused():
+  # T = 100 with the T = 1000 range leaves alpha_bar_T = 0.364; the message names it and the
+  # scaled range (x 1000/T) that fixes it. The smoke config itself uses that scaled range.
+  smoke = importlib.import_module("experiments.smoke")
+  config = smoke.get_config()
+  config.diffusion.beta_start, config.diffusion.beta_end = 1e-4, 0.02
+  with pytest.raises(UserError, match=r"alpha_bar_T is 0\.364 at num_timesteps=100.*"
+                     r"beta_start=0\.001 --config\.diffusion\.beta_end=0\.2"):
+    config_lib.validate(config)
+  config_lib.validate(smoke.get_config())
