@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_audit_parser(commands) -> None:
   aud = commands.add_parser(
-      "audit", help="sample one run's EMA network with several samplers from the same noise",
-      description="Is it the sampler? Draws samples from the same x_T with DDPM-50 "
-                  "(respaced, and with respacing=none), DDIM-20 and DDPM over all timesteps; "
-                  "writes audit.md, audit.json, grids and a side-by-side figure, and says "
-                  "which samplers produce saturated, speckled, posterized images.")
+      "audit", help="is it the sampler, the training or the EMA? weighs the evidence",
+      description="Draws samples from the same x_T with DDPM over all timesteps (the "
+                  "reference), the run's own FID and grid samplers and controls (DDPM-50 "
+                  "respaced and with respacing=none, DDIM-20), with the EMA and the raw "
+                  "parameters; compares each with the data and with the reference, reads "
+                  "the quality trend over training and the EMA's initialisation weight, and "
+                  "writes the verdict, audit.md, audit.json, grids and a side-by-side figure.")
   aud.add_argument("run", metavar="RUN_DIR", help="a run directory (config.json, checkpoints/)")
   aud.add_argument("--out", metavar="DIR", help="where the audit goes (default: RUN_DIR/audit)")
   aud.add_argument("--num-samples", type=int, default=500, metavar="N",
@@ -92,11 +94,14 @@ def _add_audit_parser(commands) -> None:
                    help="the data's FID mu/sigma .npz (default: the run's, else computed)")
   aud.add_argument("--no-fid", action="store_true", help="skip FID even if weights are found")
   aud.add_argument("--nfe", type=int, default=50, metavar="N",
-                   help="steps of the two DDPM-50 configurations (default: %(default)s)")
+                   help="steps of the two DDPM-50 controls (default: %(default)s)")
   aud.add_argument("--ddim-nfe", type=int, default=20, metavar="N",
-                   help="steps of the DDIM-20 configuration (default: %(default)s)")
+                   help="steps of the DDIM-20 control (default: %(default)s)")
   aud.add_argument("--seed", type=int, default=0, metavar="S",
                    help="the noise shared by every configuration (default: %(default)s)")
+  aud.add_argument("--params", default="both", metavar="{ema,raw,both}",
+                   help="sample with the EMA parameters, the raw ones, or both side by side "
+                        "(default: %(default)s)")
 
 
 def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -110,7 +115,8 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
                            batch_size=args.batch_size, seed=args.seed,
                            inception_weights=args.inception_weights,
                            reference_stats=args.reference_stats, use_fid=not args.no_fid,
-                           ddpm_nfe=args.nfe, ddim_nfe=args.ddim_nfe, command=command)
+                           ddpm_nfe=args.nfe, ddim_nfe=args.ddim_nfe, params=args.params,
+                           command=command)
   for warning in result["warnings"]:
     print(f"warning: {warning}", file=sys.stderr)
   for line in audit.summary_lines(result):
