@@ -735,9 +735,8 @@ def association_for(runs: Sequence[runs_lib.Run], parameters: str, options: Opti
       excluded.append(str(e))
   used = list(dict.fromkeys(p["run"] for p in pairs))
   if len(pairs) < 3:
-    raise Skip(f"{parameters}: {len(pairs)} milestone(s) with both a reference-objective "
-               f"curvature and a FID ({PARAMETER_SETS[parameters]['text']}); at least 3 are "
-               "needed")
+    raise Skip(f"{len(pairs)} milestone pair(s) ({PARAMETER_SETS[parameters]['text']}); at "
+               "least 3 are needed")
   curv = [p["curvature"] for p in pairs]
   fid = [p["fid"] for p in pairs]
   step = [p["step"] for p in pairs]
@@ -775,4 +774,8 @@ def curvature_fid_association(runs: Sequence[runs_lib.Run], options: Options = O
   for name in PARAMETER_SETS:
     if by_parameters[name].get("verdict") != SKIPPED:
       return dict(by_parameters[name], by_parameters=by_parameters)
-  raise Skip("; ".join(result["reason"] for result in by_parameters.values()))
+  counts = ", ".join(f"{name} {result['reason'].split(' ', 1)[0]}"
+                     for name, result in by_parameters.items())
+  raise Skip(f"fewer than 3 milestone pairs of a reference-objective curvature and a FID for "
+             f"every pairing of parameters ({counts}; matched: curvature/ema/ with "
+             f"{MILESTONE_FID}, curvature/ with {RAW_MILESTONE_FID})")

@@ -34,7 +34,9 @@ def bold(verdict: str) -> str:
 def pairing(result: dict) -> str:
   """How two groups were compared: pair by pair, or as independent groups and why."""
   p = result["pairing"]
-  return p["how"] if p["paired"] else f"unpaired, Welch ({p['how']})"
+  if p["paired"] or p["how"].startswith("single seed"):
+    return p["how"]
+  return f"unpaired, Welch ({p['how']})"
 
 
 def _skipped(label: str, result: dict) -> list[str]:
@@ -397,10 +399,11 @@ def why_lines(contexts: Sequence[dict], init_weight_note: float) -> list[str]:
       high = [s for s, w in zip(e["steps"], e["init_weight"]) if w > init_weight_note]
       lines.append(
           f"- Initialisation left in the EMA parameters (decay {e['decay']}, "
-          f"{'with' if e['warmup'] else 'no'} warm-up; product of the decays) at each FID "
-          f"milestone: {weights}." + (
-              f" Above {init_weight_note:.0%} at step(s) {', '.join(map(str, high))}: FID "
-              "there is measured on a network that is that much its random initialisation "
+          f"{'with' if e['warmup'] else 'no'} warm-up; product of the decays) at each "
+          f"{'FID milestone' if e['logged'] else 'milestone step of the config (no FID logged)'}"
+          f": {weights}." + (
+              f" Above {init_weight_note:.0%} at step(s) {', '.join(map(str, high))}: a FID "
+              "there measures a network that is that much its random initialisation "
               "(train.ema_warmup=True lowers it)." if high else ""))
     for bias in c["bias"]:
       if bias.get("verdict") == criteria.SKIPPED:

@@ -147,6 +147,7 @@ def fid_context(group: runs_lib.Group) -> dict:
       group=group.name, runs=[run.label for run in group.runs],
       budget=yardsticks.training_budget(group.config, max(r.last_step for r in group.runs)),
       ema=dict(decay=decay, warmup=warmup, steps=steps,
+               logged=first.has(criteria.MILESTONE_FID),
                init_weight=yardsticks.ema_init_weight(steps, decay, warmup).tolist()),
       bias=[criteria.guarded(criteria.fid_bias, run) for run in group.runs],
       weighting=yardsticks.weighting_effect(group.config),
@@ -213,7 +214,7 @@ def _options_lines(options: criteria.Options) -> list[str]:
       f"Confidence level {options.confidence:.0%} (tests at alpha = {options.alpha:.3g}). "
       f"Windows: late {markdown.window(options.late_window)}, spikes "
       f"{markdown.window(options.spike_window)}. Detrended spikes: k = "
-      f"{markdown.num(options.spike_k)} robust SDs above a rolling median over "
+      f"{markdown.num(options.spike_k)} noise SDs above a rolling median over "
       f"{options.spike_median_window} logged points (--spike-k, --spike-median-window). "
       f"Seeds' literal spike line: {markdown.num(options.spike_factor)} x the baseline "
       f"median. Every number below is also in `{CRITERIA_FILE}`.", ""]
