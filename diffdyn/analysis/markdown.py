@@ -98,29 +98,38 @@ def mean_change_lines(result: dict, base: str, treat: str) -> list[str]:
   return lines
 
 
-def spike_lines(result: dict, base: str, treat: str) -> list[str]:
-  label = "(b, literal) the seeds' spike count, level-sensitive, not used in the verdict"
+def _spike_block(result: dict, base: str, treat: str, label: str, rule: str,
+                 run_detail, outcome: str, columns: Sequence[tuple[str, str]]) -> list[str]:
+  """One spike criterion: its rule, per-run counts (or a table), the comparison, outcome."""
   if result["verdict"] == criteria.SKIPPED:
     return _skipped(label, result)
   rows = result["per_run"]
   counts = "" if _replicated(rows) else ": " + "; ".join(
-      f"{r['run']}: {r['spikes']} of {r['points']} points (steps {r['steps'][0]}-{r['steps'][1]})"
-      for role in rows.values() for r in role)
+      f"{r['run']}: {r['spikes']} of {r['points']} points (steps {r['steps'][0]}-"
+      f"{r['steps'][1]}{run_detail(r)})" for role in rows.values() for r in role)
   measure = "spike count" if result["measure"] == "spikes" else "spike fraction"
-  lines = [
-      f"- {label} ({_keys(rows)}): points above {num(result['factor'])} x the baseline median "
-      f"({num(result['baseline_median'])}, threshold {num(result['threshold'])}) over "
-      f"{window(result['window'])}{counts}. Mean {measure}: "
-      f"{_group_value(base, result['baseline'])}, {_group_value(treat, result['treatment'])}; "
-      f"difference {interval(result['difference'])} -> {result['verdict']} "
-      f"({result['basis']}). A fixed line counts a curve's high level as spikes: on two "
-      "smooth decaying curves it counts the baseline's early points."]
+  lines = [f"- {label} ({_keys(rows)}): {rule}{counts}. Mean {measure}: "
+           f"{_group_value(base, result['baseline'])}, "
+           f"{_group_value(treat, result['treatment'])}; difference "
+           f"{interval(result['difference'])}, {pairing(result)} {outcome}"]
   if result.get("note"):
     lines.append(f"  - note: {result['note']}")
   if _replicated(rows):
-    lines += _per_run_table(rows, [("steps", "steps"), ("points", "points"),
-                                   ("spikes", "spikes")])
+    lines += _per_run_table(rows, [("steps", "steps"), ("points", "points"), *columns])
   return lines
+
+
+def spike_lines(result: dict, base: str, treat: str) -> list[str]:
+  rule = "" if result["verdict"] == criteria.SKIPPED else (
+      f"points above {num(result['factor'])} x the baseline median "
+      f"({num(result['baseline_median'])}, threshold {num(result['threshold'])}) over "
+      f"{window(result['window'])}")
+  outcome = "" if result["verdict"] == criteria.SKIPPED else (
+      f"-> {result['verdict']} ({result['basis']}). A fixed line counts a curve's high level "
+      "as spikes: on two smooth decaying curves it counts the baseline's early points.")
+  return _spike_block(result, base, treat, "(b, literal) the seeds' spike count, "
+                      "level-sensitive, not used in the verdict", rule, lambda r: "", outcome,
+                      [("spikes", "spikes")])
 
 
 def _spike_steps(steps: Sequence[int], shown: int = 8) -> str:
@@ -131,30 +140,16 @@ def _spike_steps(steps: Sequence[int], shown: int = 8) -> str:
 
 
 def detrended_spike_lines(result: dict, base: str, treat: str) -> list[str]:
-  label = "(b) detrended spikes"
-  if result["verdict"] == criteria.SKIPPED:
-    return _skipped(label, result)
-  rows = result["per_run"]
-  counts = "" if _replicated(rows) else ": " + "; ".join(
-      f"{r['run']}: {r['spikes']} of {r['points']} points (steps {r['steps'][0]}-"
-      f"{r['steps'][1]}; noise SD {num(r['noise_sd'])}; at steps "
-      f"{_spike_steps(r['spike_steps'])})" for role in rows.values() for r in role)
-  measure = "spike count" if result["measure"] == "spikes" else "spike fraction"
-  lines = [
-      f"- {label} ({_keys(rows)}): points more than k = {num(result['k'])} noise SDs above "
-      f"the run's own rolling median over {result['median_window']} logged points, in "
-      f"{window(result['window'])} (noise SD: 1.4826 x the MAD of the curve's second "
-      f"differences there, / sqrt(6)){counts}. "
-      f"Mean {measure}: {_group_value(base, result['baseline'])}, "
-      f"{_group_value(treat, result['treatment'])}; difference {interval(result['difference'])}"
-      f", {pairing(result)} (success: fewer) -> {bold(result['verdict'])} "
-      f"({result['basis']})"]
-  if result.get("note"):
-    lines.append(f"  - note: {result['note']}")
-  if _replicated(rows):
-    lines += _per_run_table(rows, [("steps", "steps"), ("points", "points"),
-                                   ("spikes", "spikes"), ("noise SD", "noise_sd")])
-  return lines
+  rule = "" if result["verdict"] == criteria.SKIPPED else (
+      f"points more than k = {num(result['k'])} noise SDs above the run's own rolling median "
+      f"over {result['median_window']} logged points, in {window(result['window'])} (noise "
+      "SD: 1.4826 x the MAD of the curve's second differences there, / sqrt(6))")
+  outcome = "" if result["verdict"] == criteria.SKIPPED else (
+      f"(success: fewer) -> {bold(result['verdict'])} ({result['basis']})")
+  return _spike_block(
+      result, base, treat, "(b) detrended spikes", rule,
+      lambda r: f"; noise SD {num(r['noise_sd'])}; at steps {_spike_steps(r['spike_steps'])}",
+      outcome, [("spikes", "spikes"), ("noise SD", "noise_sd")])
 
 
 def _correction_text(correction: dict) -> str:
@@ -262,24 +257,6 @@ def _matched_lines(result: dict) -> list[str]:
   return lines
 
 
-def _bias_lines(biases: dict) -> list[str]:
-  lines = ["", "FID bias from each run's last step (the milestone FID and the final FID of "
-           "one network at two sample sizes, FID ~ FID_inf + c/N):", "",
-           "| run | step | milestone FID (N) | final FID (N) | bias at the milestone N | "
-           "bias at the final N | FID_inf (est.) |", "|---|---|---|---|---|---|---|"]
-  for role, rows in biases.items():
-    for b in rows:
-      if b.get("verdict") == criteria.SKIPPED:
-        lines.append(f"| {role} | skipped: {b['reason']} | | | | | |")
-      else:
-        lines.append(
-            f"| {b['run']} | {b['step']} | {num(b['milestone_fid'])} ({b['milestone_samples']}) "
-            f"| {num(b['final_fid'])} ({b['final_samples']}) | "
-            f"{num(b['bias_at_milestone_samples'])} | {num(b['bias_at_final_samples'])} | "
-            f"{num(b['fid_at_infinite_samples'])} |")
-  return lines + [""]
-
-
 def e7_lines(result: dict, how: str) -> list[str]:
   lines = [
       "## E7: steps vs capacity", "",
@@ -305,8 +282,9 @@ def e7_lines(result: dict, how: str) -> list[str]:
             f"{1 - result['confidence']:.3g} and the improvement is at least "
             f"{result['threshold']:.0%} of the reference's best FID. With one seed per group "
             "there is no test and nothing is decided.", "",
-            f"**Interpretation: {result['interpretation']['text']}**"]
-  lines += _bias_lines(result["fid_bias"])
+            f"**Interpretation: {result['interpretation']['text']}**", "",
+            "Each run's FID bias (its milestone and final FID at the last step) is in the "
+            "\"Why is FID ~ 200?\" section.", ""]
   return lines
 
 
