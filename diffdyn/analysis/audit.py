@@ -1063,8 +1063,8 @@ def render_markdown(result: dict) -> str:
       "## Verdict", "", f"**{v['answer']}**", "", v["text"], "", "Evidence:", ""]
   lines += [f"- {f}" for f in v["findings"]]
   lines += ["", "## Samplers from the same x_T", "",
-            f"Yardstick: **{result['quality']['name']}** against {result['quality']['num_data_images']} "
-            "training images (lower is better; " + (
+            f"Yardstick: **{result['quality']['name']}** against "
+            f"{result['quality']['num_data_images']} training images (lower is better; " + (
                 f"Inception weights `{fid['weights']}`, reference {fid['reference_stats']}; "
                 f"with {result['num_samples']} samples it is biased upwards, so compare the "
                 "rows with each other, not with 50k-sample FIDs)" if fid["weights"] else

@@ -712,7 +712,7 @@ def _sign_reading(interval: stats.Interval) -> str:
 
 
 def _ema_lag_note(runs: Sequence[runs_lib.Run]) -> str:
-  decays = sorted({runs_lib.config_get(r.config, "train.ema_decay") for r in runs} - {None})
+  decays = sorted({runs_lib.config_value(r.config, "train.ema_decay") for r in runs})
   lags = ", ".join(f"{d / (1 - d):.0f} steps at decay {d}" for d in decays
                    if isinstance(d, (int, float)) and 0 <= d < 1)
   return ("curvature and FID come from different parameters: the EMA parameters lag the raw "

@@ -6,13 +6,10 @@ of `diffdyn/configs/default.py`, the seeds' settings. No I/O here.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from diffdyn import diffusion
 from diffdyn.analysis import runs as runs_lib
-from diffdyn.configs import default
 
 # Ho et al. (2020) trained their CIFAR-10 DDPM for 800k steps at batch 128.
 DDPM_CIFAR10_STEPS = 800_000
@@ -21,14 +18,6 @@ DDPM_CIFAR10_BATCH = 128
 _TRAIN_SET_SIZES = {"cifar10": {"train": 50_000, "test": 10_000}}
 # The warm-up decay_t = min(d, (1 + t) / (10 + t)) (t = updates made before this one).
 _WARMUP_OFFSET = 10.0
-
-
-def config_value(config: dict, dotted: str) -> Any:
-  """config.json's value, else the default config's."""
-  value = runs_lib.config_get(config, dotted)
-  if value is None:
-    value = runs_lib.config_get(default.get_config().to_dict(), dotted)
-  return value
 
 
 def ema_decays(decay: float, warmup: bool, num_updates: int) -> np.ndarray:
@@ -61,19 +50,20 @@ def ema_init_weight(steps, decay: float, warmup: bool) -> np.ndarray:
 def ema_settings(config: dict) -> tuple[float, bool]:
   """(train.ema_decay, train.ema_warmup); runs from before the warm-up existed had none."""
   warmup = runs_lib.config_get(config, "train.ema_warmup")
-  return float(config_value(config, "train.ema_decay")), bool(warmup)
+  return float(runs_lib.config_value(config, "train.ema_decay")), bool(warmup)
 
 
 def training_budget(config: dict, steps: int) -> dict:
   """Images seen after `steps` steps, against DDPM's CIFAR-10 budget and the data set."""
-  batch = int(config_value(config, "train.batch_size"))
+  batch = int(runs_lib.config_value(config, "train.batch_size"))
   seen = steps * batch
   reference = DDPM_CIFAR10_STEPS * DDPM_CIFAR10_BATCH
-  name, split = config_value(config, "data.name"), config_value(config, "data.split")
+  name = runs_lib.config_value(config, "data.name")
+  split = runs_lib.config_value(config, "data.split")
   size = None
   if name == "synthetic":
-    size = int(config_value(config, "data.synthetic_num_images"))
-  elif not config_value(config, "data.path"):
+    size = int(runs_lib.config_value(config, "data.synthetic_num_images"))
+  elif not runs_lib.config_value(config, "data.path"):
     size = _TRAIN_SET_SIZES.get(name, {}).get(split)
   return dict(steps=steps, batch_size=batch, images_seen=seen,
               reference=dict(name="DDPM (Ho et al. 2020), CIFAR-10", steps=DDPM_CIFAR10_STEPS,
@@ -91,10 +81,10 @@ def weighting_effect(config: dict) -> dict:
   least noisy timesteps. With the seeds' linear schedule (T = 1000) and gamma = 5 that is
   t < 130, 13% of them, with w(0) = 5e-4.
   """
-  d = {k: config_value(config, f"diffusion.{k}")
+  d = {k: runs_lib.config_value(config, f"diffusion.{k}")
        for k in ("schedule", "num_timesteps", "beta_start", "beta_end", "prediction")}
-  weighting = config_value(config, "loss.weighting")
-  gamma = float(config_value(config, "loss.minsnr_gamma"))
+  weighting = runs_lib.config_value(config, "loss.weighting")
+  gamma = float(runs_lib.config_value(config, "loss.minsnr_gamma"))
   schedule = diffusion.make_schedule(d["schedule"], int(d["num_timesteps"]),
                                      float(d["beta_start"]), float(d["beta_end"]))
   w = diffusion.loss_weight(schedule, weighting, gamma, d["prediction"])
@@ -114,7 +104,7 @@ def weighting_effect(config: dict) -> dict:
 
 def final_alpha_bar(config: dict) -> float:
   """alpha_bar_T of the run's schedule: how close x_T is to N(0, I)."""
-  d = {k: config_value(config, f"diffusion.{k}")
+  d = {k: runs_lib.config_value(config, f"diffusion.{k}")
        for k in ("schedule", "num_timesteps", "beta_start", "beta_end")}
   schedule = diffusion.make_schedule(d["schedule"], int(d["num_timesteps"]),
                                      float(d["beta_start"]), float(d["beta_end"]))
@@ -125,7 +115,7 @@ def milestone_steps(run: runs_lib.Run, fid_key: str) -> list[int]:
   """The run's logged FID steps, else the steps its config schedules milestones at."""
   if run.has(fid_key):
     return [int(s) for s in run.series(fid_key)[0]]
-  every = config_value(run.config, "eval.fid_every_steps")
+  every = runs_lib.config_value(run.config, "eval.fid_every_steps")
   if not isinstance(every, int) or every <= 0:
     return []
   return list(range(every, run.total_steps + 1, every))
