@@ -23,8 +23,8 @@ Evidence:
      weight of the initialisation left in the EMA (from train.ema_decay, train.ema_warmup).
 
 The yardstick is FID when Inception weights are available, else the pixel Frechet distance
-(`pixel_fd`): the Frechet distance between Gaussians fitted to the images' pixel values,
-at most 16x16 (larger images are area-averaged down), in [0, 1].
+(`pixel_fd`): the Frechet distance between Gaussians fitted to the images' pixel values
+(scaled to [0, 1]) at 16x16 at most (larger images are area-averaged down).
 
 Pixel statistics, on uint8 NHWC images (every value is a channel value 0..255):
   saturated: the fraction of channel values equal to 0 or 255, over all images, pixels and
@@ -744,8 +744,8 @@ def data_subset(images: np.ndarray, limit: int = MAX_DATA_IMAGES) -> np.ndarray:
   return images[np.linspace(0, images.shape[0] - 1, limit).round().astype(int)]
 
 
-def _check_counts(num_samples: int, batch_size: int | None, with_fid: bool, ddpm_nfe: int,
-                  ddim_nfe: int, params: str) -> None:
+def _check_counts(num_samples: int, batch_size: int | None, ddpm_nfe: int, ddim_nfe: int,
+                  params: str) -> None:
   for flag, nfe in (("--nfe", ddpm_nfe), ("--ddim-nfe", ddim_nfe)):
     if nfe < 2:
       raise AuditError(f"{flag} must be >= 2 (a linspace sampler keeps t=0 and t=T-1), got "
@@ -757,7 +757,6 @@ def _check_counts(num_samples: int, batch_size: int | None, with_fid: bool, ddpm
     raise AuditError(f"--batch-size must be >= 1, got {batch_size}")
   if params not in PARAMS_CHOICES:
     raise AuditError(f"--params must be one of {', '.join(PARAMS_CHOICES)}, got {params!r}")
-  del with_fid
 
 
 @dataclasses.dataclass
@@ -869,7 +868,7 @@ def run_audit(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
   """
   run_dir = pathlib.Path(run_dir)
   out_dir = pathlib.Path(out_dir) if out_dir is not None else run_dir / AUDIT_DIR
-  _check_counts(num_samples, batch_size, use_fid, ddpm_nfe, ddim_nfe, params)
+  _check_counts(num_samples, batch_size, ddpm_nfe, ddim_nfe, params)
   inputs = _read_inputs(run_dir, inception_weights, reference_stats, use_fid)
   try:
     return _audit(inputs, run_dir, out_dir, num_samples, batch_size, seed, params,
