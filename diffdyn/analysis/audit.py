@@ -693,14 +693,15 @@ def weigh_evidence(rows: Sequence[dict], trend: dict | None, ema: dict | None) -
                     f"of it is the initialisation; reference {ema['quality_name']}: {q}.")
 
   costly = [r for r in worse_audited if r["respacing"] != "none"]
-  cost = (f"; {_names(costly)} is respaced correctly but worse than the reference: its step "
-          "count, not a respacing bug, costs quality on this network" if costly else "")
+  cost = (f"; {_names(costly)} {'is' if len(costly) == 1 else 'are'} respaced correctly but "
+          "worse than the reference: the step count, not a respacing bug, costs quality on "
+          "this network" if costly else "")
   if striding:
     answer = VERDICT_STRIDE
-    text = (f"{VERDICT_STRIDE}: {_names(striding)} is worse than the reference sampler on the "
-            "same x_T, and strides the original betas without recomputing them: each of its "
-            "steps removes one original step's worth of noise, so noise is left in the "
-            "samples.")
+    text = (f"{VERDICT_STRIDE}: {_names(striding)} {'is' if len(striding) == 1 else 'are'} "
+            "worse than the reference sampler on the same x_T and strides the original betas "
+            "without recomputing them: each step removes one original step's worth of noise, "
+            "so noise is left in the samples.")
   elif ema and ema["dominated"]:
     answer = VERDICT_EMA
     text = (f"{VERDICT_EMA}: {ema['init_weight']:.1%} of the EMA parameters is still the "
