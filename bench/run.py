@@ -49,7 +49,9 @@ E2E_TARGET_S = 120.0
 SMOKE_OVERRIDES = {
     "data.synthetic_num_images": 64, "data.image_size": 8, "model.image_size": 8,
     "model.base_channels": 8, "model.channel_mult": (1,), "model.num_res_blocks": 1,
-    "model.attn_resolutions": (), "diffusion.num_timesteps": 100, "curvature.num_probes": 2,
+    "model.attn_resolutions": (), "diffusion.num_timesteps": 100,
+    # DDPM's betas scaled by 1000/T, as validation asks of a 100-step linear schedule.
+    "diffusion.beta_start": 1e-3, "diffusion.beta_end": 0.2, "curvature.num_probes": 2,
     "curvature.batch_size": 2, "eval.grid_num_samples": 2, "eval.grid_nfe": 2,
     "eval.sample_batch_size": 2,
 }

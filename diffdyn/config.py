@@ -19,6 +19,10 @@ from diffdyn.errors import UserError
 
 Rule = tuple[Callable[[Any], bool], str]
 
+# A chain must end near pure noise, since every sampler starts from x_T ~ N(0, I). Above this
+# alpha_bar_T the signal sqrt(alpha_bar_T) x0 left in x_T is > 3% of x0 (DDPM's T = 1000: 4e-5).
+MAX_FINAL_ALPHA_BAR = 1e-3
+
 
 def _one_of(*options) -> Rule:
   return (lambda v: v in options, "one of " + ", ".join(repr(o) for o in options))
@@ -223,6 +227,25 @@ def check_consistency(config) -> None:
   if c.t_bands > c.batch_size:
     raise UserError(f"config curvature.t_bands ({c.t_bands}) must be <= curvature.batch_size "
                     f"({c.batch_size}) so that every band holds a probe example")
+  _check_reaches_noise(d)
+
+
+def _check_reaches_noise(d) -> None:
+  final = diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start,
+                                  d.beta_end).alphas_cumprod[-1]
+  if final <= MAX_FINAL_ALPHA_BAR:
+    return
+  scale = diffusion.LINEAR_REFERENCE_TIMESTEPS / d.num_timesteps
+  fix = "raise diffusion.beta_end or diffusion.num_timesteps"
+  if d.schedule == "linear" and d.beta_end * scale < 1:
+    scaled = diffusion.make_schedule("linear", d.num_timesteps, d.beta_start, d.beta_end,
+                                     scale_betas=True).alphas_cumprod[-1]
+    fix = (f"scale the linear betas by 1000/T: --config.diffusion.beta_start="
+           f"{d.beta_start * scale:g} --config.diffusion.beta_end={d.beta_end * scale:g} "
+           f"(alpha_bar_T {scaled:.1e})")
+  raise UserError(f"config diffusion: alpha_bar_T is {final:.3g} at num_timesteps="
+                  f"{d.num_timesteps}, above {MAX_FINAL_ALPHA_BAR:g}, so x_T is far from the "
+                  f"N(0, I) that sampling starts from; {fix}")
 
 
 def check_samplers(config) -> None:

@@ -53,9 +53,35 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
   return np.minimum(1.0 - ratios, max_beta)
 
 
+# The chain length the linear beta range is quoted for (Ho et al. 2020: 1e-4 ... 0.02 over 1000).
+LINEAR_REFERENCE_TIMESTEPS = 1000
+
+
 def make_schedule(name: str, num_timesteps: int = 1000, beta_start: float = 1e-4,
-                  beta_end: float = 0.02) -> Schedule:
+                  beta_end: float = 0.02, *, scale_betas: bool = False) -> Schedule:
+  """The named schedule over `num_timesteps` steps.
+
+  Args:
+    name: "linear" (betas evenly from beta_start to beta_end) or "cosine" (Nichol & Dhariwal;
+      beta_start and beta_end do not apply).
+    num_timesteps: T.
+    beta_start, beta_end: the linear range.
+    scale_betas: linear only: multiply both ends by 1000 / T first (improved-diffusion's rule).
+      The range is quoted for T = 1000, where it drives alpha_bar_T to 4.0e-5; the same range
+      over T = 100 steps only reaches alpha_bar_T = 0.36, so x_T is far from N(0, I) and
+      every sampler starts off the distribution. Scaled, T = 100 reaches 2.0e-5. T = 1000 is
+      unchanged either way.
+
+  Raises:
+    ValueError: an unknown name, or a scaled beta_end that is not below 1.
+  """
   if name == "linear":
+    if scale_betas:
+      scale = LINEAR_REFERENCE_TIMESTEPS / num_timesteps
+      beta_start, beta_end = beta_start * scale, beta_end * scale
+      if beta_end >= 1.0:
+        raise ValueError(f"beta_end scaled by 1000/T = {scale:g} is {beta_end:g}, not < 1; "
+                         f"use more timesteps than {num_timesteps} or a smaller beta_end")
     return Schedule(linear_betas(num_timesteps, beta_start, beta_end))
   if name == "cosine":
     return Schedule(cosine_betas(num_timesteps))

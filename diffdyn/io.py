@@ -667,7 +667,7 @@ class Checkpoints:
                                                  enable_async_checkpointing=False,
                                                  cleanup_tmp_directories=True))
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    with _quiet_absl():
+    with quiet_absl():
       self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers),
                                            item_handlers=handlers, options=options)
 
@@ -698,9 +698,7 @@ class Checkpoints:
     `template` holds arrays or jax.ShapeDtypeStructs (with shardings) of the state's structure.
     Raises StructureMismatch or CheckpointReadError as the class docstring says.
     """
-    ocp = self._ocp
     expected = tree_signature(template)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in reversed(self.steps()):
       try:
         stored = self.stored_signature(step)
@@ -710,13 +708,19 @@ class Checkpoints:
       if stored != expected:
         raise StructureMismatch(f"step {step}: {describe_mismatch(stored, expected)}")
       try:
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                          meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"]), step
+        return (*self.restore(step, template), step)
       except Exception as e:  # likewise for array files that are cut, garbled or missing
         self._failed(step, e)
     return None
+
+  def restore(self, step: int, template):
+    """(state, meta) of the checkpoint at `step`, into `template`'s structure; raises if not."""
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
 
   def _failed(self, step: int, error: Exception) -> None:
     why = f"{type(error).__name__}: {_one_line(str(error))[:200]}"
@@ -747,8 +751,8 @@ class Checkpoints:
 
 
 @contextlib.contextmanager
-def _quiet_absl():
-  """Orbax warns through absl about every read-only directory it opens; those are expected."""
+def quiet_absl():
+  """Orbax's warnings through absl off: it warns of every read-only directory it opens."""
   absl_log = logging.getLogger("absl")
   previous = absl_log.level
   absl_log.setLevel(max(previous, logging.ERROR))

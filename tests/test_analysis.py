@@ -23,6 +23,7 @@ from diffdyn.analysis import criteria
 from diffdyn.analysis import roles
 from diffdyn.analysis import runs as runs_lib
 from diffdyn.analysis import stats
+from diffdyn.analysis import yardsticks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CURV = "curvature/hutch_trace_mean"
@@ -120,13 +121,18 @@ def fid_records(best, total=10_000, best_at=2000, final_offset=5.0):
 NOISE = (-0.3, 0.1, 0.4, -0.2)  # planted seed-to-seed noise, mean 0
 
 
-def write_e7(root, ref_best, longer_best, wider_best, noise=NOISE):
-  """E7a/b/c groups with len(noise) seeds each; seed i's best FID is best + noise[i]."""
+def write_e7(root, ref_best, longer_best, wider_best, noise=NOISE, shared_seeds=False):
+  """E7a/b/c groups with len(noise) seeds each; seed i's best FID is best + noise[i].
+
+  Each group has its own seeds (independent groups: Welch) unless `shared_seeds`.
+  """
   paths = []
-  for name, best, total, width in (("e7a", ref_best, 10_000, 32), ("e7b", longer_best, 50_000, 32),
-                                   ("e7c", wider_best, 10_000, 64)):
-    for seed, eps in enumerate(noise):
-      paths.append(write_run(root, f"{name}_s{seed}", fid_records(best + eps, total),
+  for g, (name, best, total, width) in enumerate((("e7a", ref_best, 10_000, 32),
+                                                  ("e7b", longer_best, 50_000, 32),
+                                                  ("e7c", wider_best, 10_000, 64))):
+    for i, eps in enumerate(noise):
+      seed = i if shared_seeds else 100 * g + i
+      paths.append(write_run(root, f"{name}_s{i}", fid_records(best + eps, total),
                              make_config(name, seed, total_steps=total, base_channels=width)))
   return paths
 
@@ -210,6 +216,73 @@ def test_partial_correlation_equals_correlation_of_residuals():
   # partial one is not.
   assert stats.correlation(x, y).estimate < -0.8
   assert abs(got.estimate) < 0.5
+
+
+def test_welch_p_value_matches_scipy():
+  a = np.array([203.5, 203.9, 203.2, 203.8])
+  b = np.array([203.0, 203.6, 203.1, 203.3, 202.9])
+  got = stats.welch_difference(a, b)
+  assert got.p_value == pytest.approx(sps.ttest_ind(b, a, equal_var=False).pvalue, rel=1e-9)
+  assert got.test == "Welch t"
+
+
+def test_paired_difference_matches_scipy():
+  # Six pairs: the t interval is scipy's ttest_rel interval; the test is the exact sign-flip
+  # test, which scipy's permutation_test runs exactly (all 2^6 sign patterns) on paired
+  # samples with permutation_type="samples".
+  a = np.array([100.0, 130.0, 80.0, 115.0, 95.0, 125.0])
+  b = a + np.array([-4.0, -6.5, -3.0, -5.0, 1.0, -4.5])
+  got = stats.paired_difference(a, b)
+  ci = sps.ttest_rel(b, a).confidence_interval(0.95)
+  assert got.estimate == pytest.approx(np.mean(b - a), abs=TOL)
+  assert (got.low, got.high) == pytest.approx((ci.low, ci.high), abs=TOL)
+  ref = sps.permutation_test((b, a), lambda x, y: np.mean(x - y), permutation_type="samples",
+                             n_resamples=np.inf, alternative="two-sided")
+  assert got.p_value == pytest.approx(ref.pvalue, abs=TOL)
+  assert got.test == "exact sign-flip test over 2^6 = 64 patterns"
+  # Above EXACT_SIGN_FLIP_MAX_N pairs the test is the paired t test.
+  many = stats.paired_difference(np.tile(a, 2), np.tile(b, 2) + np.arange(12) * 0.01)
+  d = np.tile(b, 2) + np.arange(12) * 0.01 - np.tile(a, 2)
+  assert many.p_value == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, rel=1e-9)
+
+
+def test_identical_shifts_have_no_spread_but_a_sign_flip_test():
+  # Eight pairs all shifted by -0.3: only the all-minus and all-plus sign patterns reach
+  # |sum| = 8 x 0.3, so p = 2 / 2^8 exactly. There is no spread, hence no t interval.
+  got = stats.paired_difference(np.arange(8.0), np.arange(8.0) - 0.3)
+  assert got.estimate == pytest.approx(-0.3, abs=TOL) and not got.has_interval
+  assert got.method == "no spread: 8 pairs, identical values"
+  assert got.p_value == 2 / 256
+
+
+def test_zero_variance_groups_say_no_spread():
+  same = stats.mean_interval([203.6, 203.6, 203.6])
+  assert not same.has_interval and same.method == "no spread: 3 runs, identical values"
+  diff = stats.welch_difference([203.6] * 3, [203.2] * 4)
+  assert diff.estimate == pytest.approx(-0.4, abs=TOL)
+  assert not diff.has_interval and not diff.has_test
+  assert diff.method == "no spread: 3 and 4 runs, identical values in each group"
+  rel = stats.relative_change([203.6] * 3, [203.2] * 4)
+  assert not rel.has_interval and rel.method.startswith("no spread")
+
+
+def test_holm_adjustment_by_hand():
+  # Sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04; running maximum 0.03, 0.06, 0.06.
+  assert stats.holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06], abs=TOL)
+  # 0.5 x 2 = 1.0 (the cap) and 0.9 x 1 raised to the running maximum 1.0.
+  assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0], abs=TOL)
+
+
+def test_rolling_median_of_a_monotone_curve_is_the_curve_and_robust_sd_by_hand():
+  steps = np.arange(100, 10001, 100)
+  curve = 300 + 600 * np.exp(-steps / 3000)
+  np.testing.assert_array_equal(stats.rolling_median(curve, 11), curve)
+  spiked = np.array([1.0, 1.0, 1.0, 9.0, 1.0, 1.0, 1.0])
+  np.testing.assert_array_equal(stats.rolling_median(spiked, 3), np.ones(7))
+  # [1, 2, 3, 4, 100]: median 3, absolute deviations 2, 1, 0, 1, 97 with median 1.
+  assert stats.robust_sd([1, 2, 3, 4, 100]) == pytest.approx(1 / sps.norm.ppf(0.75), abs=TOL)
+  with pytest.raises(ValueError, match="odd"):
+    stats.rolling_median(curve, 4)
 
 
 # --------------------------------------------------------------------------- loading
@@ -414,6 +487,7 @@ def test_e6_missing_keys_skip_with_reason(tmp_path):
 
 
 def test_e6_replicates_use_welch_intervals(tmp_path):
+  # Seeds 0-2 against 10-12: nothing pairs the groups, so they are independent samples.
   total, steps = 1000, np.arange(10, 1001, 10)
   base_levels, treat_levels = [100.0, 104.0, 97.0], [80.0, 83.0, 79.0]
   paths = []
@@ -421,7 +495,7 @@ def test_e6_replicates_use_welch_intervals(tmp_path):
     paths.append(write_run(tmp_path, f"e5_s{seed}", series_records(CURV, steps, np.full(100, lb)),
                            make_config("e5", seed, total_steps=total)))
     paths.append(write_run(tmp_path, f"e6_s{seed}", series_records(CURV, steps, np.full(100, lt)),
-                           make_config("e6", seed, "minsnr", total_steps=total)))
+                           make_config("e6", seed + 10, "minsnr", total_steps=total)))
   groups = groups_of(*paths)
   base, treat, how = roles.e6_roles(groups)
   assert (base.name, treat.name, base.size) == ("e5", "e6", 3)
@@ -430,7 +504,10 @@ def test_e6_replicates_use_welch_intervals(tmp_path):
   assert (result["difference"].low, result["difference"].high) == pytest.approx((low, high),
                                                                                 abs=TOL)
   assert high < 0  # precondition of the planted case: the interval excludes 0
-  assert result["verdict"] == "met" and result["basis"].startswith("95% interval (Welch t")
+  assert not result["pairing"]["paired"] and "seed lists differ" in result["pairing"]["how"]
+  p = sps.ttest_ind(treat_levels, base_levels, equal_var=False).pvalue
+  assert result["difference"].p_value == pytest.approx(p, rel=1e-9)
+  assert result["verdict"] == "met" and result["basis"].startswith("Welch t, p = ")
 
 
 def log_ratio_interval(a, b):
@@ -455,7 +532,7 @@ def test_e6_final_fid_non_inferiority_with_replicates(tmp_path, treat_fids, verd
     paths.append(write_run(tmp_path, f"e5_s{seed}", [{"step": 100, FINAL: fb}],
                            make_config("e5", seed)))
     paths.append(write_run(tmp_path, f"e6_s{seed}", [{"step": 100, FINAL: ft}],
-                           make_config("e6", seed, "minsnr")))
+                           make_config("e6", seed + 10, "minsnr")))
   base, treat, _ = roles.e6_roles(groups_of(*paths))
   result = criteria.e6_vs_e5(base, treat)["final_fid"]
   low, high = log_ratio_interval(base_fids, treat_fids)
@@ -478,6 +555,143 @@ def test_e6_roles_by_config_and_by_flag(tmp_path):
     roles.e6_roles(groups, baseline="nope")
 
 
+def test_planted_e6_detrended_spikes_are_the_planted_bumps(tmp_path):
+  # The planted curves are flat (100 and 80) with bumps: most second differences are 0, so
+  # the noise SD is 0 and every point above its rolling median counts. The
+  # baseline's bump at the window's first step (2000) sits next to the 1000-level burn-in:
+  # its neighbourhood's median is the bump itself, so it is not above its trend.
+  b, t = write_e6_pair(tmp_path, 10_000)
+  result = criteria.e6_vs_e5(*groups_of(b, t))["train_objective"]["detrended_spikes"]
+  assert result["per_run"]["baseline"][0]["spike_steps"] == [3000, 4000, 5000]
+  assert result["per_run"]["treatment"][0]["spike_steps"] == [2500, 3500, 4500]
+  assert result["per_run"]["baseline"][0]["noise_sd"] == 0.0
+  assert result["verdict"] == "not met"  # 3 vs 3: not fewer
+
+
+def write_smooth_e5_e6(root, noise=None, spike_at=None):
+  """E5 = 300 + 600 exp(-s/3000) and E6 = 0.94 E5, every 100 steps to 10k, FID 200 for both.
+
+  Optionally plus seeded noise (the same draw on both) and a spike on E5 at `spike_at`.
+  """
+  steps = np.arange(100, 10001, 100)
+  e5 = 300 + 600 * np.exp(-steps / 3000)
+  e6 = 0.94 * e5
+  if noise is not None:
+    e5, e6 = e5 + noise, e6 + noise
+  if spike_at is not None:
+    e5[steps == spike_at] += 40.0
+  fid = [{"step": 10_000, FINAL: 200.0}]
+  return (write_run(root, "e5", series_records(CURV, steps, e5) + fid,
+                    make_config("e5", 1077)),
+          write_run(root, "e6", series_records(CURV, steps, e6) + fid,
+                    make_config("e6", 1077, "minsnr")))
+
+
+def test_noise_free_curves_have_no_detrended_spikes_and_verdict_not_met(tmp_path):
+  # Finding 1 of issue 12: with the seeds' literal count these spike-free curves give 4 vs 0
+  # (E5's points at 2000-2300 are above 1.5 x the pooled median 300 + 600 exp(-2) = 381.2)
+  # and the overall verdict "met". Detrended, both curves are their own rolling median: no
+  # spikes at all; (a) is -6% against the 15% asked: the verdict is "not met".
+  result = criteria.e6_vs_e5(*groups_of(*write_smooth_e5_e6(tmp_path)))
+  train = result["train_objective"]
+  literal = train["spikes"]
+  assert [r["spikes"] for r in literal["per_run"]["baseline"]] == [4]
+  assert [r["spikes"] for r in literal["per_run"]["treatment"]] == [0]
+  assert literal["level_sensitive"] and not literal["used_in_verdict"]
+  assert literal["baseline_median"] == pytest.approx(300 + 600 * math.exp(-2), abs=1e-9)
+  detrended = train["detrended_spikes"]
+  assert [r["spikes"] for role in detrended["per_run"].values() for r in role] == [0, 0]
+  assert detrended["verdict"] == "not met"
+  assert train["mean_change"]["relative_change"].estimate == pytest.approx(-0.06, abs=TOL)
+  assert train["mean_change"]["verdict"] == "not met"
+  assert train["verdict"] == "not met"
+  assert result["overall"]["verdict"] == "not met"
+
+
+def test_detrended_spike_found_on_a_noisy_decaying_curve(tmp_path):
+  # Noise SD 2 around the decay (the same draw on both), and +40 (20 SD) on E5 at step 5000.
+  # The noise SD is estimated from 81 second differences, so within ~+-25% of 2 (SE of a
+  # MAD-based SD over 81 points ~ 0.13 relative; the trend's own second difference is
+  # < 0.7, a small bias): 3.5 of them is 5-9, the spike's residual ~38 passes, and a noise
+  # point's residual (rarely above 2.5 SD x 2 = 5 among 81) stays below.
+  noise = np.random.default_rng(12).normal(0.0, 2.0, 100)
+  result = criteria.e6_vs_e5(*groups_of(*write_smooth_e5_e6(tmp_path, noise, 5000)))
+  detrended = result["train_objective"]["detrended_spikes"]
+  assert detrended["per_run"]["baseline"][0]["spike_steps"] == [5000]
+  assert detrended["per_run"]["treatment"][0]["spike_steps"] == []
+  assert 1.5 < detrended["per_run"]["baseline"][0]["noise_sd"] < 2.5
+  assert detrended["verdict"] == "met"  # E6 has 0 against E5's 1: fewer (single seed)
+  # The literal count misses it (5000's value, ~453, is below 1.5 x the pooled median,
+  # ~572) and counts E5's early points instead, as on the noise-free curves (there 2000-2300;
+  # 2300 is only 6.8 above the line, within the noise's reach).
+  literal = result["train_objective"]["spikes"]
+  steps, values = analysis.load_run(tmp_path / "e5").series(CURV)
+  assert values[steps == 5000][0] < literal["threshold"]
+  assert literal["per_run"]["baseline"][0]["spikes"] in (3, 4)
+
+
+BASE_LEVELS = (60.0, 95.0, 40.0, 120.0, 75.0, 50.0, 110.0, 85.0)  # mean 79.4, SD 27
+
+
+def write_level_pairs(root, shifts, paired=True, total=1000):
+  """Flat curvature per run: E5 seed i at BASE_LEVELS[i], E6 at BASE_LEVELS[i] + shifts[i].
+
+  E5 and E6 share seeds 1077... when `paired`, else E6 uses seeds 2077...
+  """
+  steps = np.arange(10, total + 1, 10)
+  paths = []
+  for i, (level, shift) in enumerate(zip(BASE_LEVELS, shifts)):
+    paths.append(write_run(root, f"e5_s{i}", series_records(CURV, steps, np.full(steps.size,
+                                                                                   level)),
+                           make_config("e5", 1077 + i, total_steps=total)))
+    paths.append(write_run(root, f"e6_s{i}", series_records(
+        CURV, steps, np.full(steps.size, level + shift)),
+                           make_config("e6", (1077 if paired else 2077) + i, "minsnr",
+                                       total_steps=total)))
+  return groups_of(*paths)
+
+
+def test_paired_seeds_with_a_constant_shift_are_distinguished_where_welch_is_not(tmp_path):
+  # Every E6 seed sits 20 below its E5 seed (-25% on average, past the 15% asked); seed to
+  # seed the levels spread far more (SD 27). Paired: every difference is -20, so no spread
+  # and no interval, but the exact sign-flip p is 2/256 (only all-minus and all-plus reach
+  # 8 x 20); Holm over (a) and (b) doubles it (b's p is 1: no spikes anywhere) to 1/64.
+  shifts = [-20.0] * 8
+  paired = criteria.e6_vs_e5(*write_level_pairs(tmp_path / "p", shifts))["train_objective"]
+  change = paired["mean_change"]
+  assert change["pairing"]["paired"] and change["pairing"]["seeds"] == list(range(1077, 1085))
+  assert change["difference"].method == "no spread: 8 pairs, identical values"
+  assert change["difference"].p_value == 2 / 256
+  assert change["p_holm"] == pytest.approx(4 / 256, abs=TOL)
+  assert change["verdict"] == "met" and paired["verdict"] == "met"
+  # The same numbers with unrelated seeds: Welch's interval includes 0.
+  low, high = welch_ci(np.array(BASE_LEVELS) - 20, BASE_LEVELS)
+  assert low < 0 < high  # precondition, by scipy
+  welch = criteria.e6_vs_e5(*write_level_pairs(tmp_path / "w", shifts, paired=False))
+  change = welch["train_objective"]["mean_change"]
+  assert not change["pairing"]["paired"]
+  assert (change["difference"].low, change["difference"].high) == pytest.approx((low, high),
+                                                                                abs=TOL)
+  assert change["verdict"] == "not distinguishable"
+
+
+def test_criteria_joined_by_or_are_holm_corrected(tmp_path):
+  # Shifts -20 x 6 and +5, +5: the sign-flip p is 8/256 = 1/32 (the six -20s must keep their
+  # sign to reach |sum| >= 110; the two 5s may take any of 4 sign pairs; times 2 for the
+  # mirror image). 1/32 <= 0.05 alone, but Holm with (b) (p = 1) makes it 1/16 > 0.05.
+  shifts = [-20.0] * 6 + [5.0, 5.0]
+  result = criteria.e6_vs_e5(*write_level_pairs(tmp_path, shifts))["train_objective"]
+  change = result["mean_change"]
+  d = np.array(shifts)
+  ref = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf)
+  assert change["difference"].p_value == pytest.approx(ref.pvalue, abs=TOL) == 1 / 32
+  assert result["detrended_spikes"]["difference"].p_value == 1.0
+  assert result["correction"] == {"method": "Holm", "alpha": pytest.approx(0.05), "family": 2}
+  assert change["p_holm"] == pytest.approx(1 / 16, abs=TOL)
+  assert change["verdict"] == "not distinguishable" and result["verdict"] == "not distinguishable"
+  assert "Holm-adjusted p = 0.0625" in change["basis"]
+
+
 # --------------------------------------------------------------------------- E7
 
 
@@ -488,10 +702,13 @@ def test_best_fid_planted_step_source_and_ties(tmp_path):
   best = criteria.best_fid(analysis.load_run(write_run(tmp_path, "a", records)))
   assert (best["best_fid"], best["step"], best["source"]) == (203.6, 4000, MILESTONE)
   assert not best["at_first_eval"]
+  assert best["num_evaluations"] == 5
+  # The final FID (another sample size) never competes, and a NaN milestone is no evaluation.
   records = [{"step": 2000, MILESTONE: 210.0}, {"step": 4000, MILESTONE: math.nan},
              {"step": 4000, FINAL: 205.0}]
   best = criteria.best_fid(analysis.load_run(write_run(tmp_path, "b", records)))
-  assert (best["best_fid"], best["step"], best["source"]) == (205.0, 4000, FINAL)
+  assert (best["best_fid"], best["step"], best["source"]) == (210.0, 2000, MILESTONE)
+  assert best["num_evaluations"] == 1
 
 
 @pytest.mark.parametrize("ref, longer, wider, outcome, steps_verdict, capacity_verdict", [
@@ -558,6 +775,87 @@ def test_e7_missing_role_is_skipped(tmp_path):
   assert result["interpretation"]["outcome"] == "incomplete"
 
 
+def test_planted_one_over_n_bias_does_not_move_best_step(tmp_path):
+  # True FID 203.6 at 2k rising by 0.3 per milestone to 204.8 at 10k. Planted bias c / N with
+  # c = 40000: +4.0 on the 10k-sample milestones, +0.8 on the 50k-sample final FID. The final
+  # FID (205.6) is below every milestone (>= 207.6), so a minimum over both would put the best
+  # at 10k, the end; over the milestones alone it is at 2k, where the true curve has it.
+  true = {2000: 203.6, 4000: 203.9, 6000: 204.2, 8000: 204.5, 10000: 204.8}
+  records = [{"step": s, MILESTONE: f + 40000 / 10_000} for s, f in true.items()]
+  records.append({"step": 10_000, FINAL: true[10_000] + 40000 / 50_000})
+  config = make_config("e7a", 1077)
+  config["eval"] = dict(fid_num_samples=10_000, final_fid_num_samples=50_000)
+  run = analysis.load_run(write_run(tmp_path, "e7a", records, config))
+  best = criteria.best_fid(run)
+  assert (best["step"], best["best_fid"], best["num_evaluations"]) == (2000, 207.6, 5)
+  bias = criteria.fid_bias(run)
+  # (208.8 - 205.6) / (1e-4 - 2e-5) = 40000 exactly, up to float round-off (~1e-12).
+  assert bias["slope"] == pytest.approx(40000.0, rel=1e-9)
+  assert bias["bias_at_milestone_samples"] == pytest.approx(4.0, rel=1e-9)
+  assert bias["bias_at_final_samples"] == pytest.approx(0.8, rel=1e-9)
+  assert bias["fid_at_infinite_samples"] == pytest.approx(204.8, rel=1e-9)
+
+
+def test_fid_bias_needs_both_evaluations_at_one_step(tmp_path):
+  records = [{"step": 8000, MILESTONE: 210.0}, {"step": 10_000, FINAL: 205.0}]
+  run = analysis.load_run(write_run(tmp_path, "r", records, make_config("r")))
+  result = criteria.guarded(criteria.fid_bias, run)
+  assert result["verdict"] == "skipped" and "no milestone FID at step 10000" in result["reason"]
+
+
+def write_e7_prefix(root, seeds, later):
+  """E7a (10k) and E7b (50k) sharing `seeds`; E7b repeats E7a's milestones up to 10k and then
+  logs `later` (20 values), as a run that differs only in length does."""
+  paths = []
+  for i, seed in enumerate(seeds):
+    first = [210.0 + 0.1 * i, 211.0, 212.0, 213.0, 214.0]
+    a = [{"step": 2000 * (i + 1), MILESTONE: f} for i, f in enumerate(first)]
+    b = a + [{"step": 12_000 + 2000 * i, MILESTONE: f} for i, f in enumerate(later)]
+    paths.append(write_run(root, f"e7a_s{seed}", a, make_config("e7a", seed)))
+    paths.append(write_run(root, f"e7b_s{seed}", b, make_config("e7b", seed, total_steps=50_000)))
+  return groups_of(*paths)
+
+
+def test_e7_steps_effect_at_matched_milestones_and_whole_run_counts(tmp_path):
+  # E7b's 20 later milestones scatter below E7a's whole run (down to 205). Over the whole
+  # run E7b's minimum is over 25 evaluations against E7a's 5; at matched milestones (<= 10k)
+  # both are over the same 5, which here are the same numbers: the runs coincide.
+  later = [209.0 - 0.2 * i for i in range(20)]
+  groups = write_e7_prefix(tmp_path, (1077, 1078, 1079, 1080), later)
+  found, _, _ = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  matched = result["steps_effect"]
+  assert matched["matched"] and matched["max_step"] == 10_000
+  assert matched["num_evaluations"] == {"reference": [5] * 4, "variant": [5] * 4}
+  assert matched["milestones"]["steps"] == [2000, 4000, 6000, 8000, 10000]
+  assert matched["milestones"]["coincide"]
+  assert matched["pairing"]["paired"]
+  # Paired differences all 0: the sign-flip test cannot reject (every pattern ties): p = 1.
+  assert matched["difference"].estimate == 0.0 and matched["difference"].p_value == 1.0
+  assert matched["verdict"] == "not distinguishable"
+  whole = result["steps_effect_over_run"]
+  assert not whole["matched"]
+  assert whole["num_evaluations"] == {"reference": [5] * 4, "variant": [25] * 4}
+  assert whole["difference"].estimate == pytest.approx(later[-1] - np.mean(
+      [210.0 + 0.1 * i for i in range(4)]), abs=1e-9)
+  text = analysis.write_report(analysis.load_runs(
+      [r.path for g in groups for r in g.runs]), tmp_path / "out").read_text()
+  assert "minimum over 25 milestone(s) for e7b and 5 for e7a" in text
+  assert "these are the same numbers" in text.lower()
+
+
+def test_e7_zero_variance_pair_says_no_spread(tmp_path):
+  # Every seed of each group has the same best FID: no spread, so no interval and no test.
+  groups = groups_of(*write_e7(tmp_path, 203.6, 203.6, 203.2, noise=(0.0, 0.0, 0.0)))
+  found, _, _ = roles.e7_roles(groups)
+  result = criteria.e7_steps_vs_capacity(found["e7a"], found["e7b"], found["e7c"])
+  message = "no spread: 3 and 3 runs, identical values in each group"
+  assert result["capacity_effect"]["difference"].method == message
+  assert result["capacity_effect"]["verdict"] == f"cannot be decided ({message})"
+  assert result["best_fid"]["e7a"]["best_fid"].method == "no spread: 3 runs, identical values"
+  assert result["interpretation"]["text"].startswith(f"cannot be decided: {message}")
+
+
 # --------------------------------------------------------------------------- association
 
 
@@ -605,7 +903,88 @@ def test_association_with_too_few_pairs_is_skipped(tmp_path):
   path = write_run(tmp_path, "r", [{"step": 100, CURV: 1.0}, {"step": 100, MILESTONE: 200.0}],
                    make_config("r"))
   result = criteria.guarded(criteria.curvature_fid_association, [analysis.load_run(path)])
-  assert result["verdict"] == "skipped" and result["reason"].startswith("1 milestone(s)")
+  assert result["verdict"] == "skipped"
+  assert "(ema 0, raw 0, mismatched 1;" in result["reason"]
+
+
+EMA_REF = "curvature/ema/ref/hutch_trace_mean"
+RAW_FID = "val/fid_milestone_raw/fid"
+
+
+def test_association_pairs_matched_parameters(tmp_path):
+  # Planted: EMA curvature falls with step while EMA FID rises (exactly linear: r = -1); raw
+  # curvature and raw FID both fall (r = +1). Matched parameters give the EMA reading on top
+  # and the raw one beside it; the mismatched pairing is not used.
+  paths = []
+  for i in range(2):
+    steps = np.arange(100, 10001, 100)
+    records = (series_records(REF, steps, 900.0 - 0.05 * steps + i)
+               + series_records(EMA_REF, steps, 800.0 - 0.04 * steps + i))
+    for m in (2000, 4000, 6000, 8000, 10000):
+      records.append({"step": m, MILESTONE: 750.0 - 0.5 * (800.0 - 0.04 * m + i),
+                      RAW_FID: 100.0 + 0.2 * (900.0 - 0.05 * m + i)})
+    paths.append(write_run(tmp_path, f"r{i}", records,
+                           make_config(f"r{i}", i, weighting="minsnr")))
+  result = criteria.curvature_fid_association(analysis.load_runs(paths))
+  assert result["parameters"] == "ema" and result["n"] == 10
+  assert {p["key"] for p in result["pairs"]} == {EMA_REF}
+  assert {p["fid_key"] for p in result["pairs"]} == {MILESTONE}
+  assert result["measures"]["pearson"].estimate == pytest.approx(-1.0, abs=1e-9)
+  raw = result["by_parameters"]["raw"]
+  assert raw["measures"]["pearson"].estimate == pytest.approx(1.0, abs=1e-9)
+  assert all("different parameters" not in n for n in result["notes"])
+
+
+def test_association_falls_back_to_mismatched_pairs_with_a_note(tmp_path):
+  steps = np.arange(100, 10001, 100)
+  records = series_records(CURV, steps, 1000.0 - 0.05 * steps)
+  records += [{"step": m, MILESTONE: 200.0 + m / 1000} for m in range(2000, 10001, 2000)]
+  config = make_config("r")
+  config["train"]["ema_decay"] = 0.999
+  result = criteria.curvature_fid_association(
+      [analysis.load_run(write_run(tmp_path, "r", records, config))])
+  assert result["parameters"] == "mismatched"
+  assert "999 steps at decay 0.999" in result["notes"][0]
+  assert result["by_parameters"]["ema"]["verdict"] == "skipped"
+
+
+# --------------------------------------------------------------------------- yardsticks
+
+
+def test_ema_init_weight_by_hand():
+  # No warm-up: 0.999^s; the issue's 13.5% at 2k and 1.8% at 4k.
+  got = yardsticks.ema_init_weight([0, 2000, 4000], 0.999, warmup=False)
+  assert got == pytest.approx([1.0, 0.999 ** 2000, 0.999 ** 4000], rel=1e-9)
+  assert (round(got[1], 3), round(got[2], 3)) == (0.135, 0.018)
+  # Warm-up: prod_{t<s} (1 + t)/(10 + t) = s! 9! / (s + 9)! while that ratio is below d
+  # (t < 8991 at d = 0.999). Compared in logs (lgamma): round-off ~1e-12 relative.
+  s = np.array([1, 100, 1000])
+  closed = np.exp([math.lgamma(n + 1) + math.lgamma(10) - math.lgamma(n + 10) for n in s])
+  assert yardsticks.ema_init_weight(s, 0.999, warmup=True) == pytest.approx(closed, rel=1e-9)
+  assert yardsticks.ema_decays(0.999, True, 9000)[[0, 8990, 8999 - 1]] == pytest.approx(
+      [0.1, 8991 / 9000, 0.999], abs=1e-12)
+
+
+def test_weighting_effect_of_minsnr5_with_eps_and_linear_betas():
+  # Reference from the formulas: SNR = ab / (1 - ab) with ab = cumprod(1 - linspace(1e-4,
+  # 0.02, 1000)); Min-SNR-5's eps weight min(SNR, 5)/SNR is below 1 exactly where SNR > 5.
+  ab = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+  snr = ab / (1 - ab)
+  config = make_config("e6", weighting="minsnr")
+  got = yardsticks.weighting_effect(config)
+  assert got["changed_timesteps"] == int(np.sum(snr > 5)) == 130
+  assert got["changed_below_t"] == 130 and got["fraction_changed"] == 0.13
+  assert got["weight_at_t0"] == pytest.approx(5 / snr[0], rel=1e-9)  # 5 / 9999
+  assert yardsticks.weighting_effect(make_config("e5"))["changed_timesteps"] == 0
+
+
+def test_training_budget_against_ddpm():
+  config = make_config("e5")
+  config["data"] = dict(name="cifar10", split="train", path="")
+  got = yardsticks.training_budget(config, 10_000)
+  assert got["images_seen"] == 40_000
+  assert got["fraction_of_reference"] == pytest.approx(40_000 / (800_000 * 128), abs=1e-15)
+  assert got["epochs"] == pytest.approx(0.8, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- report and CLI
@@ -646,7 +1025,9 @@ def test_report_renders_figures_markdown_and_strict_json(tmp_path):
     data = (out / name).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
   text = report_path.read_text()
-  for heading in ("## E6 vs E5", "(a) mean curvature", "(b) spikes", "(c) final FID",
+  for heading in ("## E6 vs E5", "(a) mean curvature", "(b) detrended spikes",
+                  "(b, literal) the seeds' spike count, level-sensitive", "(c) final FID",
+                  "## Why is FID ~ 200? The numbers",
                   "Reference objective", "## E7: steps vs capacity", "**Interpretation:",
                   "## Curvature-FID association", "![FID vs wall time](fid_vs_wall_time.png)"):
     assert heading in text, heading
@@ -657,6 +1038,30 @@ def test_report_renders_figures_markdown_and_strict_json(tmp_path):
   mean_change = payload["criteria"]["e6_vs_e5"]["train_objective"]["mean_change"]
   assert mean_change["relative_change"]["estimate"] == pytest.approx(-0.2, abs=TOL)
   assert payload["criteria"]["e7"]["best_fid"]["e7a"]["seeds"] == 2
+
+
+def test_report_why_fid_section_numbers(tmp_path):
+  # E5/E6 at the seeds' settings (linear betas, T = 1000, eps, EMA 0.999 without warm-up,
+  # batch 4, CIFAR-10 train) with milestones every 2000 steps to 10k.
+  paths = []
+  for name, weighting in (("e5", "constant"), ("e6", "minsnr")):
+    config = make_config(name, 1077, weighting)
+    config["data"] = dict(name="cifar10", split="train", path="")
+    config["eval"] = dict(fid_num_samples=10_000, final_fid_num_samples=50_000)
+    records = [{"step": s, MILESTONE: 210.0 - s / 1000} for s in range(2000, 10001, 2000)]
+    records.append({"step": 10_000, FINAL: 198.0})
+    paths.append(write_run(tmp_path, name, records, config))
+  text = analysis.write_report(analysis.load_runs(paths), tmp_path / "out").read_text()
+  why = text[text.index("## Why is FID ~ 200?"):text.index("# Figures")]
+  assert "10,000 steps x batch 4 = 40,000 images seen: 0.039% of DDPM" in why
+  assert "0.80 epochs of the 50,000 training images" in why
+  assert "2000: 13.5%; 4000: 1.8%" in why and "Above 5% at step(s) 2000" in why
+  assert "weight != 1 at 130 of 1000 timesteps (13.0%), all t < 130" in why
+  assert "constant: every timestep has weight 1" in why
+  # Bias: (200 - 198) / (1e-4 - 2e-5) = 25000, so 2.5 on milestones and 0.5 on the final FID.
+  assert "milestone FIDs sit about 2.5 above" in why and "final FIDs about 0.5" in why
+  payload = json.loads((tmp_path / "out" / "criteria.json").read_text())
+  assert payload["fid_context"][1]["weighting"]["changed_timesteps"] == 130
 
 
 def test_report_different_step_grids_say_so(tmp_path):
@@ -718,8 +1123,17 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_cli_report_prints_windows_and_writes_files(tmp_path):
   b, t = write_e6_pair(tmp_path, total=1000)
-  proc = run_cli("report", b, t, "--out", tmp_path / "out", "--late-window", "0.5", "1.0")
+  proc = run_cli("report", b, t, "--out", tmp_path / "out", "--late-window", "0.5", "1.0",
+                 "--spike-k", "5", "--spike-median-window", "7")
   assert proc.returncode == 0, proc.stderr
+  options = json.loads((tmp_path / "out" / "criteria.json").read_text())["options"]
+  assert (options["spike_k"], options["spike_median_window"]) == (5.0, 7)
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "k = 5 noise SDs above the run's own rolling median over 7 logged points" in text
+  bad = run_cli("report", b, t, "--out", tmp_path / "out2", "--spike-median-window", "4")
+  assert bad.returncode == 2
+  assert bad.stderr.splitlines() == ["error: spike_median_window must be an odd integer >= 3, "
+                                     "got 4"]
   assert "late window for e5 seed 1077: steps 500-1000" in proc.stdout
   assert "spike window for e6 seed 1077: steps 200-1000" in proc.stdout
   assert (tmp_path / "out" / "report.md").is_file()

@@ -172,3 +172,13 @@ def test_values_that_would_fail_at_the_first_evaluation_fail_at_once(values, wor
   # The same settings with a spacing that keeps a single step are fine.
   if "eval__nfe" in values:
     config_lib.validate(_with(**values, eval__spacing="leading"))
+def test_a_schedule_that_does_not_reach_noise_is_refused():
+  # T = 100 with the T = 1000 range leaves alpha_bar_T = 0.364; the message names it and the
+  # scaled range (x 1000/T) that fixes it. The smoke config itself uses that scaled range.
+  smoke = importlib.import_module("experiments.smoke")
+  config = smoke.get_config()
+  config.diffusion.beta_start, config.diffusion.beta_end = 1e-4, 0.02
+  with pytest.raises(UserError, match=r"alpha_bar_T is 0\.364 at num_timesteps=100.*"
+                     r"beta_start=0\.001 --config\.diffusion\.beta_end=0\.2"):
+    config_lib.validate(config)
+  config_lib.validate(smoke.get_config())

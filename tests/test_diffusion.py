@@ -38,6 +38,31 @@ def test_linear_schedule_endpoints(linear):
   np.testing.assert_allclose(np.diff(linear.betas), (0.02 - 1e-4) / (T - 1), rtol=1e-9)
 
 
+def test_scaling_leaves_the_seeds_t1000_schedule_unchanged():
+  # The seeds' numbers: betas exactly numpy's linspace(1e-4, 0.02, 1000), scaled or not
+  # (1000 / 1000 = 1), and alpha_bar_T = prod(1 - beta) = 4.04e-5.
+  for scaled in (False, True):
+    sch = diffusion.make_schedule("linear", num_timesteps=1000, scale_betas=scaled)
+    np.testing.assert_array_equal(sch.betas, LINEAR_BETAS)
+  assert diffusion.make_schedule("linear", 1000).alphas_cumprod[-1] == pytest.approx(
+      np.prod(1.0 - LINEAR_BETAS), rel=1e-12)
+
+
+def test_short_linear_schedule_reaches_noise_only_when_scaled():
+  # T = 100 with DDPM's range ends at alpha_bar_T = prod(1 - linspace(1e-4, 0.02, 100)) =
+  # 0.36: x_T is far from N(0, I). Scaled by 1000/T = 10 the range is 1e-3 ... 0.2 and
+  # alpha_bar_T = 2.0e-5, as close to noise as T = 1000's 4.0e-5.
+  plain = diffusion.make_schedule("linear", 100)
+  assert plain.alphas_cumprod[-1] == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 100)),
+                                                   rel=1e-12)
+  assert plain.alphas_cumprod[-1] > 0.3
+  scaled = diffusion.make_schedule("linear", 100, scale_betas=True)
+  np.testing.assert_allclose(scaled.betas, np.linspace(1e-3, 0.2, 100), rtol=1e-14)
+  assert scaled.alphas_cumprod[-1] < 1e-4
+  with pytest.raises(ValueError, match="not < 1"):
+    diffusion.make_schedule("linear", 20, scale_betas=True)  # 0.02 x 50 = 1.0
+
+
 def test_cosine_schedule_matches_closed_form_and_caps_beta():
   # Reference: Nichol & Dhariwal (2021), eq. 17 with s = 0.008:
   # alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) * pi / 2); index i holds

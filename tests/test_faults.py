@@ -354,7 +354,7 @@ CONFIG_CASES = {
                                       words=["train.learning_rate", "finite"]),
     "unknown schedule": _config_case("--config.diffusion.schedule=quadratic",
                                      words=["diffusion.schedule", "'cosine'"]),
-    "beta order": _config_case("--config.diffusion.beta_start=0.05",
+    "beta order": _config_case("--config.diffusion.beta_start=0.3",
                                words=["beta_start", "beta_end"]),
     "fp16": _config_case("--config.train.precision=fp16", words=["train.precision", "'bf16'"]),
     "unknown sampler": _config_case("--config.eval.sampler=euler",

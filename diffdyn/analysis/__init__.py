@@ -12,6 +12,7 @@ from diffdyn.analysis import criteria
 from diffdyn.analysis import plots
 from diffdyn.analysis import report
 from diffdyn.analysis import stats
+from diffdyn.analysis import yardsticks
 from diffdyn.analysis.criteria import Options
 from diffdyn.analysis.report import write_report
 from diffdyn.analysis.runs import Group
@@ -21,5 +22,5 @@ from diffdyn.analysis.runs import group_replicates
 from diffdyn.analysis.runs import load_run
 from diffdyn.analysis.runs import load_runs
 
-__all__ = ["criteria", "plots", "report", "stats", "Options", "write_report", "Group", "Run",
+__all__ = ["criteria", "plots", "report", "stats", "yardsticks", "Options", "write_report", "Group", "Run",
            "RunFormatError", "group_replicates", "load_run", "load_runs"]

@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_DEFAULTS.spike_window,
                    help="E6 (b) window as fractions of total steps (default: %(default)s)")
   rep.add_argument("--spike-factor", type=float, default=_DEFAULTS.spike_factor,
-                   help="spike = above this times the baseline median (default: %(default)s)")
+                   help="the seeds' literal spike line: this times the baseline median "
+                        "(level-sensitive, not used in the verdict; default: %(default)s)")
+  rep.add_argument("--spike-k", type=float, default=_DEFAULTS.spike_k,
+                   help="detrended spike: more than this many robust SDs (MAD) above the "
+                        "run's rolling median (default: %(default)s)")
+  rep.add_argument("--spike-median-window", type=int, default=_DEFAULTS.spike_median_window,
+                   metavar="POINTS", help="logged points in the rolling median, odd "
+                   "(default: %(default)s)")
   rep.add_argument("--curvature-drop", type=float, default=_DEFAULTS.curvature_drop,
                    help="E6 (a) success: relative drop at least this (default: %(default)s)")
   rep.add_argument("--fid-tolerance", type=float, default=_DEFAULTS.fid_tolerance,
@@ -67,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_audit_parser(commands) -> None:
   aud = commands.add_parser(
-      "audit", help="sample one run's EMA network with several samplers from the same noise",
-      description="Is it the sampler? Draws samples from the same x_T with DDPM-50 "
-                  "(respaced, and with respacing=none), DDIM-20 and DDPM over all timesteps; "
-                  "writes audit.md, audit.json, grids and a side-by-side figure, and says "
-                  "which samplers produce saturated, speckled, posterized images.")
+      "audit", help="is it the sampler, the training or the EMA? weighs the evidence",
+      description="Draws samples from the same x_T with DDPM over all timesteps (the "
+                  "reference), the run's own FID and grid samplers and controls (DDPM-50 "
+                  "respaced and with respacing=none, DDIM-20), with the EMA and the raw "
+                  "parameters; compares each with the data and with the reference, reads "
+                  "the quality trend over training and the EMA's initialisation weight, and "
+                  "writes the verdict, audit.md, audit.json, grids and a side-by-side figure.")
   aud.add_argument("run", metavar="RUN_DIR", help="a run directory (config.json, checkpoints/)")
   aud.add_argument("--out", metavar="DIR", help="where the audit goes (default: RUN_DIR/audit)")
   aud.add_argument("--num-samples", type=int, default=500, metavar="N",
@@ -85,11 +94,14 @@ def _add_audit_parser(commands) -> None:
                    help="the data's FID mu/sigma .npz (default: the run's, else computed)")
   aud.add_argument("--no-fid", action="store_true", help="skip FID even if weights are found")
   aud.add_argument("--nfe", type=int, default=50, metavar="N",
-                   help="steps of the two DDPM-50 configurations (default: %(default)s)")
+                   help="steps of the two DDPM-50 controls (default: %(default)s)")
   aud.add_argument("--ddim-nfe", type=int, default=20, metavar="N",
-                   help="steps of the DDIM-20 configuration (default: %(default)s)")
+                   help="steps of the DDIM-20 control (default: %(default)s)")
   aud.add_argument("--seed", type=int, default=0, metavar="S",
                    help="the noise shared by every configuration (default: %(default)s)")
+  aud.add_argument("--params", default="both", metavar="{ema,raw,both}",
+                   help="sample with the EMA parameters, the raw ones, or both side by side "
+                        "(default: %(default)s)")
 
 
 def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -103,7 +115,8 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
                            batch_size=args.batch_size, seed=args.seed,
                            inception_weights=args.inception_weights,
                            reference_stats=args.reference_stats, use_fid=not args.no_fid,
-                           ddpm_nfe=args.nfe, ddim_nfe=args.ddim_nfe, command=command)
+                           ddpm_nfe=args.nfe, ddim_nfe=args.ddim_nfe, params=args.params,
+                           command=command)
   for warning in result["warnings"]:
     print(f"warning: {warning}", file=sys.stderr)
   for line in audit.summary_lines(result):
@@ -116,7 +129,8 @@ def run_audit(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _options(args: argparse.Namespace) -> criteria.Options:
   return criteria.Options(
       late_window=tuple(args.late_window), spike_window=tuple(args.spike_window),
-      spike_factor=args.spike_factor, curvature_drop=args.curvature_drop,
+      spike_factor=args.spike_factor, spike_k=args.spike_k,
+      spike_median_window=args.spike_median_window, curvature_drop=args.curvature_drop,
       fid_tolerance=args.fid_tolerance, practical_threshold=args.practical_threshold,
       confidence=args.confidence)
 
@@ -131,7 +145,7 @@ def _summary_lines(result: dict) -> list[str]:
     lines.append(f"E6 vs E5 ({e6['treatment']} vs {e6['baseline']}): useful probe "
                  f"{e6['overall']['verdict']}")
     for name, block in (("late window", e6["train_objective"]["mean_change"]),
-                        ("spike window", e6["train_objective"]["spikes"])):
+                        ("spike window", e6["train_objective"]["detrended_spikes"])):
       for rows in block.get("per_run", {}).values():
         for row in rows:
           lines.append(f"  {name} for {row['run']}: steps {row['steps'][0]}-{row['steps'][1]}")
@@ -144,8 +158,8 @@ def _summary_lines(result: dict) -> list[str]:
   if assoc.get("verdict") == criteria.SKIPPED:
     lines.append(f"curvature-FID association: skipped ({assoc['reason']})")
   else:
-    lines.append(f"curvature-FID association: n = {assoc['n']}, Spearman "
-                 f"{assoc['readings']['spearman']}, partial given step "
+    lines.append(f"curvature-FID association ({assoc['parameters']} parameters): n = "
+                 f"{assoc['n']}, Spearman {assoc['readings']['spearman']}, partial given step "
                  f"{assoc['readings']['partial_spearman_given_step']}")
   return lines
 

@@ -1,14 +1,30 @@
-"""The sampler audit: does the sampler alone produce the seeds' saturated, speckled samples?
+"""The sampler audit: is it the sampler, the training, or the EMA? It weighs the evidence.
 
-  python -m diffdyn.analysis audit RUN_DIR [--out DIR] [--num-samples N] ...
+  python -m diffdyn.analysis audit RUN_DIR [--out DIR] [--num-samples N] [--params both] ...
 
-The audit restores the run's latest EMA parameters and draws samples from the same x_T with
-several sampler configurations (`default_configurations`): DDPM-50 on the respaced
-schedule, DDPM-50 with the original per-step constants (`respacing="none"`, the ablation
-that mimics a sampler which strides the βs without recomputing them), DDIM-20 and the full
-T-step DDPM chain, which needs no respacing at all. For each it measures the pixel
-statistics below, FID when Inception weights are available, and writes a grid. The same
-statistics of the run's own training images are the yardstick.
+Every sampler configuration draws from the same x_T, with the EMA parameters, the raw
+parameters or both (the checkpoint holds `params` and `ema_params`):
+  - the reference: DDPM over all T steps, which needs no respacing, so no respacing bug;
+  - the run's own samplers (its FID sampler, eval.*, and its grid sampler, eval.grid_*),
+    which the verdict is about ("audited");
+  - controls: DDPM-50 respaced, DDIM-20, and DDPM-50 with respacing="none", a sampler that
+    strides the original betas without recomputing them (what such a bug produces).
+
+Evidence:
+  1. Each configuration against the data (the seeds' symptoms below) and against the
+     reference on the same x_T: `worse than the reference` when its distance to the data
+     (the yardstick) is more than `worse_factor` times the reference's, or it saturates
+     beyond the reference by both `saturation_factor` and `saturation_min`. Symptoms
+     relative to the data alone fire on every sampler of an imperfect model.
+  2. Model quality over training: the run's milestone FIDs (metrics.jsonl), else the
+     yardstick of the reference sampler at each kept checkpoint. "Still improves" when the
+     last value is below the one before by more than `quality_tolerance`.
+  3. EMA against raw parameters: the yardstick of the reference sampler with each, and the
+     weight of the initialisation left in the EMA (from train.ema_decay, train.ema_warmup).
+
+The yardstick is FID when Inception weights are available, else the pixel Frechet distance
+(`pixel_fd`): the Frechet distance between Gaussians fitted to the images' pixel values
+(scaled to [0, 1]) at 16x16 at most (larger images are area-averaged down).
 
 Pixel statistics, on uint8 NHWC images (every value is a channel value 0..255):
   saturated: the fraction of channel values equal to 0 or 255, over all images, pixels and
@@ -23,15 +39,26 @@ Pixel statistics, on uint8 NHWC images (every value is a channel value 0..255):
     and channels. Posterised images use few levels.
   mean, std: of all channel values.
 
-Symptoms (`Thresholds` holds the numbers; the report states them):
+Symptoms against the data (`Thresholds`; the report states them):
   saturated: saturated > saturation_factor x the data's and > saturation_min.
   speckle: hf_ratio > hf_ratio_min.
   posterized: unique_levels < levels_factor x the data's.
-A configuration reproduces the seeds' symptoms when it shows all three.
 
-No training math lives here: sampling is `evaluate.get_sample_fn`/`sample_images`, FID
-is `diffdyn.fid`. Nothing is written into the run directory except under the output
-directory (default RUN_DIR/audit).
+Verdicts (`weigh_evidence`), first that applies:
+  - "consistent with a sampler that strides the original betas": one of the run's samplers
+    is worse than the reference and strides them (respacing="none");
+  - "EMA still dominated by the initialisation": more than `ema_init_weight_max` of the EMA is
+    the initialisation and the raw parameters are better by more than `quality_tolerance`;
+  - "under-trained": quality still improves. Worded "under-trained: every correct sampler
+    shows the symptom and quality still improves with steps" when every correctly respaced
+    sampler shows a symptom against the data; else the text names those that do not;
+  - "no sampler defect found".
+A correctly respaced sampler worse than the reference is named in every verdict: its step
+count costs quality on this network, which is no respacing bug.
+
+Sampling goes through `_sampler` and the checkpoint layout through `_state_template`: the
+only two places that know train.py and evaluate.py. Nothing is written into the run
+directory except under the output directory (default RUN_DIR/audit).
 """
 from __future__ import annotations
 
@@ -43,7 +70,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import matplotlib.backends.backend_agg as backend_agg
@@ -55,9 +82,14 @@ from diffdyn import config as config_lib
 from diffdyn import data as data_lib
 from diffdyn import errors
 from diffdyn import evaluate
+from diffdyn import fid as fid_lib
 from diffdyn import io
 from diffdyn import models
+from diffdyn import sweep
 from diffdyn import train as train_lib
+from diffdyn.analysis import criteria
+from diffdyn.analysis import runs as runs_lib
+from diffdyn.analysis import yardsticks
 
 CONFIG_FILE = io.CONFIG_FILE
 CHECKPOINTS_DIR = "checkpoints"
@@ -67,15 +99,28 @@ JSON_FILE = "audit.json"
 FIGURE_FILE = "side_by_side.png"
 DATA = "data"
 SYMPTOMS = ("saturated", "speckle", "posterized")
-# The sampler settings every configuration shares, whatever the run's eval config says, so
-# that audits of different runs compare: the small posterior variance and clipped x0.
+PARAMS = ("ema", "raw")
+PARAMS_CHOICES = ("ema", "raw", "both")
+ROLES = ("reference", "audited", "control")
+# The sampler settings every control and the reference share, whatever the run's eval config
+# says, so that audits of different runs compare: the small posterior variance, clipped x0.
 FIXED_EVAL = dict(clip_x0=True, variance="small", spacing="linspace")
 # Enough data images for population-level statistics; more only costs time.
 MAX_DATA_IMAGES = 5000
 # Half the Nyquist frequency (0.5 cycles/pixel): the high-frequency band's lower edge.
 HF_CUTOFF = 0.25
-# Grids show at most this many images.
+# Grids show at most this many images, each upscaled (nearest neighbour) to about this size.
 GRID_IMAGES = 64
+GRID_IMAGE_PIXELS = 128
+# pixel_fd works at most at this resolution: 768 values per RGB image keep the covariance's
+# square root fast, and 16x16 still holds the speckle a striding sampler leaves.
+PIXEL_FD_SIZE = 16
+
+VERDICT_STRIDE = "consistent with a sampler that strides the original βs"
+VERDICT_EMA = "EMA still dominated by the initialisation"
+VERDICT_UNDERTRAINED = ("under-trained: every correct sampler shows the symptom and quality "
+                        "still improves with steps")
+VERDICT_NONE = "no sampler defect found"
 
 
 class AuditError(errors.UserError):
@@ -84,37 +129,79 @@ class AuditError(errors.UserError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """One sampler configuration of the audit (arguments of `evaluate.get_sample_fn`)."""
+  """One sampler configuration of the audit and its part in the verdict (`ROLES`)."""
   name: str
   label: str
   sampler: str
   nfe: int
   eta: float
   respacing: str
+  role: str = "control"
+  variance: str = FIXED_EVAL["variance"]
+  spacing: str = FIXED_EVAL["spacing"]
+  clip_x0: bool = FIXED_EVAL["clip_x0"]
+
+  def settings(self) -> tuple:
+    """What makes two configurations draw the same samples."""
+    return (self.sampler, self.nfe, self.eta if self.sampler == "ddim" else None,
+            self.respacing, self.variance if self.sampler == "ddpm" else None, self.spacing,
+            self.clip_x0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-  """Where a statistic becomes one of the seeds' symptoms (see the module docstring)."""
+  """Where a statistic becomes a symptom, a defect or a finding (see the module docstring)."""
   saturation_factor: float = 3.0
   saturation_min: float = 0.05
   hf_ratio_min: float = 2.0
   levels_factor: float = 0.5
+  worse_factor: float = 2.0
+  quality_tolerance: float = 0.05
+  ema_init_weight_max: float = 0.05
 
 
-def default_configurations(num_timesteps: int, ddpm_nfe: int = 50,
+def reference_configuration(num_timesteps: int) -> SamplerConfig:
+  return SamplerConfig("ddpm_all", f"DDPM-{num_timesteps} (all steps, reference)", "ddpm",
+                       num_timesteps, 1.0, "respaced", "reference")
+
+
+def _label(sampler: str, nfe: int, eta: float, respacing: str) -> str:
+  label = f"{sampler.upper()}-{nfe}" + (f" (eta={eta:g})" if sampler == "ddim" else "")
+  return label + (" respacing=none" if respacing == "none" else "")
+
+
+def default_configurations(config, ddpm_nfe: int = 50,
                            ddim_nfe: int = 20) -> tuple[SamplerConfig, ...]:
-  """DDPM-50 respaced and not, DDIM-20 and DDPM over all T steps (NFEs capped at T)."""
-  ddpm_nfe, ddim_nfe = min(ddpm_nfe, num_timesteps), min(ddim_nfe, num_timesteps)
-  return (
+  """The reference, the controls and the run's own FID and grid samplers (NFEs capped at T).
+
+  A control with the settings of one of the run's samplers is that sampler ("audited"); a
+  run's sampler that matches no control is added under its own name.
+  """
+  t_count = config.diffusion.num_timesteps
+  ddpm_nfe, ddim_nfe = min(ddpm_nfe, t_count), min(ddim_nfe, t_count)
+  configs = [
       SamplerConfig("ddpm_respaced", f"DDPM-{ddpm_nfe} respaced", "ddpm", ddpm_nfe, 1.0,
                     "respaced"),
-      SamplerConfig("ddpm_none", f"DDPM-{ddpm_nfe} respacing=none", "ddpm", ddpm_nfe, 1.0,
-                    "none"),
+      SamplerConfig("ddpm_none", f"DDPM-{ddpm_nfe} respacing=none (strides the original "
+                    "betas)", "ddpm", ddpm_nfe, 1.0, "none"),
       SamplerConfig("ddim", f"DDIM-{ddim_nfe} (eta=0)", "ddim", ddim_nfe, 0.0, "respaced"),
-      SamplerConfig("ddpm_all", f"DDPM-{num_timesteps} (all steps)", "ddpm", num_timesteps,
-                    1.0, "respaced"),
-  )
+      reference_configuration(t_count)]
+  e = config.eval
+  own = {"run_fid_sampler": ("the run's FID sampler", e.sampler, e.nfe, e.eta, e.respacing),
+         "run_grid_sampler": ("the run's grid sampler", e.grid_sampler, e.grid_nfe, e.grid_eta,
+                              "respaced")}
+  for name, (what, sampler, nfe, eta, respacing) in own.items():
+    mine = SamplerConfig(name, f"{_label(sampler, nfe, eta, respacing)} ({what})", sampler,
+                         nfe, eta, respacing, "audited", e.variance, e.spacing, e.clip_x0)
+    same = [i for i, c in enumerate(configs) if c.settings() == mine.settings()]
+    if same:
+      c = configs[same[0]]
+      role = c.role if c.role == "reference" else "audited"
+      label = c.label if what in c.label else f"{c.label}, {what}"
+      configs[same[0]] = dataclasses.replace(c, role=role, label=label)
+    else:
+      configs.insert(-1, mine)
+  return tuple(configs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,28 +262,30 @@ def pixel_stats(images) -> dict[str, float]:
               mean=float(images.mean()), std=float(images.std()))
 
 
-def _ratio(a: float, b: float) -> float:
-  return a / b if b > 0 else math.nan
+def pixel_fd(images, data_images, size: int = PIXEL_FD_SIZE) -> float:
+  """The Frechet distance between Gaussians fitted to two image sets' pixel values in [0, 1].
+
+  Images larger than `size` are area-averaged to size x size first (by an integer factor).
+  A yardstick of quality that needs no Inception weights; like FID it is biased by the
+  number of images, so compare values measured with the same numbers only.
+  """
+  def features(x):
+    x = _check_uint8_nhwc(x).astype(np.float64) / 255.0
+    n, h, w, c = x.shape
+    factor = max(1, h // size)
+    if h % factor or w % factor:
+      factor = 1
+    x = x.reshape(n, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    return x.reshape(n, -1)
+  mu1, sigma1 = fid_lib.feature_stats(features(images))
+  mu2, sigma2 = fid_lib.feature_stats(features(data_images))
+  return fid_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
-def relative_stats(stats: dict, data_stats: dict) -> dict[str, float]:
-  """The statistics that symptoms are judged on, relative to the data's."""
-  return dict(saturated_ratio=_ratio(stats["saturated"], data_stats["saturated"]),
-              hf_ratio=_ratio(stats["hf_fraction"], data_stats["hf_fraction"]),
-              levels_ratio=_ratio(stats["unique_levels"], data_stats["unique_levels"]))
-
-
-def symptoms(stats: dict, data_stats: dict, thresholds: Thresholds = Thresholds()) -> list[str]:
-  """The seeds' symptoms that samples with `stats` show, judged against the data's."""
-  found = []
-  if stats["saturated"] > max(thresholds.saturation_factor * data_stats["saturated"],
-                              thresholds.saturation_min):
-    found.append("saturated")
-  if stats["hf_fraction"] > thresholds.hf_ratio_min * data_stats["hf_fraction"]:
-    found.append("speckle")
-  if stats["unique_levels"] < thresholds.levels_factor * data_stats["unique_levels"]:
-    found.append("posterized")
-  return found
+def grid_of(images: np.ndarray) -> np.ndarray:
+  """At most GRID_IMAGES images tiled and upscaled so that each is ~GRID_IMAGE_PIXELS wide."""
+  factor = max(1, round(GRID_IMAGE_PIXELS / images.shape[1]))
+  return evaluate.upscale(io.image_grid(images[:GRID_IMAGES]), factor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,51 +343,93 @@ def load_config(run_dir: pathlib.Path) -> tuple[ml_collections.ConfigDict, list[
   return config, warnings
 
 
-@contextlib.contextmanager
-def _quiet_absl():
-  """Orbax's warnings (through absl's logger) off: it warns that read-only is read-only."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
+# ----------------------------------------------------------------------------------------------
+# What the audit needs from train.py and evaluate.py, in two functions.
+# ----------------------------------------------------------------------------------------------
 
 
-def _restore_newest(directory: pathlib.Path,
-                    template) -> tuple[Any, int, list[int], list[tuple[int, str]]]:
-  """(state or None, its step, every step, (step, why) of newer ones), touching no file.
+def _state_template(config):
+  """(the model, the abstract train state a checkpoint of this config restores into).
 
-  Read-only, since an audit must leave the run as it found it: no temporary directory
-  cleaned, no damaged checkpoint moved aside.
+  The state must have `params` (raw) and `ema_params`.
   """
-  with _quiet_absl():
-    ckpts = io.Checkpoints(str(directory), read_only=True)
+  program = train_lib.build_program(config, sweep.get_replicas(config, "."))
+  return program.model, program.abstract_state()
+
+
+def _sampler(config, model, sc: SamplerConfig, batch_size: int) -> Callable:
+  """(params, rng, num) -> `num` uint8 samples drawn with `sc` on the run's schedule.
+
+  Batch i uses fold_in(rng, i) and starts from x_T = normal(split(that)[0]) (see
+  diffusion.sample), so configurations given the same rng start from the same noise. One
+  compiled program per configuration, reused for every parameter set and checkpoint.
+  """
+  m = config.model
+  sample_fn = evaluate.get_sample_fn(
+      model, train_lib.make_schedule(config.diffusion), config.diffusion.prediction,
+      (batch_size, m.image_size, m.image_size, m.channels), sampler=sc.sampler, nfe=sc.nfe,
+      eta=sc.eta, clip_x0=sc.clip_x0, spacing=sc.spacing, variance=sc.variance,
+      respacing=sc.respacing)
+  return lambda params, rng, num: evaluate.sample_images(sample_fn, params, rng, num,
+                                                         batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, read-only.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Checkpoints:
+  """The run's checkpoints, opened read-only: an audit leaves the run as it found it (no
+  temporary directory cleaned, no damaged checkpoint moved aside)."""
+
+  def __init__(self, directory: pathlib.Path, template):
+    with io.quiet_absl():
+      self._ckpts = io.Checkpoints(str(directory), read_only=True)
+    self.template = template
+
+  def steps(self) -> list[int]:
+    with io.quiet_absl():
+      return self._ckpts.steps()
+
+  def restore_latest(self):
+    """(state or None, its step, (step, why) of the newer ones that failed)."""
+    with io.quiet_absl():
+      restored = self._ckpts.restore_latest(self.template)
+    failures = list(self._ckpts.restore_failures)
+    if restored is None:
+      return None, -1, failures
+    state, _, step = restored
+    return state, step, failures
+
+  def restore(self, step: int):
+    """The state at `step`, or None when it does not restore."""
     try:
-      steps = ckpts.steps()
-      restored = ckpts.restore_latest(template)
-    finally:
-      ckpts.close()
-  if restored is None:
-    return None, -1, steps, ckpts.restore_failures
-  state, _, step = restored
-  return state, step, steps, ckpts.restore_failures
+      with io.quiet_absl():
+        return self._ckpts.restore(step, self.template)[0]
+    except Exception:  # pylint: disable=broad-except
+      return None  # orbax raises many types for a damaged checkpoint
+
+  def close(self) -> None:
+    self._ckpts.close()
 
 
-def restore_ema_params(run_dir: pathlib.Path, config, model) -> tuple[Any, int, list[str]]:
-  """(EMA params, step, warnings) of the newest checkpoint that restores."""
+def open_checkpoints(run_dir: pathlib.Path, template) -> tuple[_Checkpoints, Any, int,
+                                                                 list[str]]:
+  """(checkpoints, newest state that restores, its step, warnings); AuditError when none."""
   directory = run_dir / CHECKPOINTS_DIR
   if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
     raise AuditError(f"{directory}: no checkpoint; train the run first (python launch.py "
                      f"--config ... --workdir {run_dir}), or pass another run directory")
-  tx = train_lib.make_optimizer(config.train)
-  template = jax.eval_shape(lambda: train_lib.create_train_state(config, model, tx))
-  state, step, steps, failures = _restore_newest(directory, template)
+  ckpts = _Checkpoints(directory, template)
+  steps = ckpts.steps()
   if not steps:
+    ckpts.close()
     raise AuditError(f"{directory}: no complete checkpoint; train the run first, or pass "
                      "another run directory")
+  state, step, failures = ckpts.restore_latest()
   if state is None:
+    ckpts.close()
     earlier = {1: "", 2: ", nor does the one before it"}.get(
         len(steps), f", nor do the {len(steps) - 1} before it")
     raise AuditError(f"{directory / str(steps[-1])}: the checkpoint does not restore{earlier} "
@@ -306,7 +437,7 @@ def restore_ema_params(run_dir: pathlib.Path, config, model) -> tuple[Any, int, 
                      "re-run the training to write a new one")
   warnings = [f"the checkpoint at step {failed} does not restore ({why}); audited the one at "
               f"step {step}" for failed, why in failures]
-  return state.ema_params, step, warnings
+  return ckpts, state, step, warnings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +448,9 @@ def restore_ema_params(run_dir: pathlib.Path, config, model) -> tuple[Any, int, 
 def find_inception_weights(given: str | None, config) -> str | None:
   """The weights file to use: the flag, else the run's, else a cached copy; None: no FID.
 
-  Never downloads: an audit without weights still answers from pixel statistics.
+  Never downloads: an audit without weights uses the pixel Frechet distance instead.
   """
-  from diffdyn.fid import weights  # pylint: disable=import-outside-toplevel
+  weights = fid_lib.weights
   if given:
     if not os.path.isfile(given):
       raise AuditError(f"{given}: no such Inception weights file; pass pytorch-fid's "
@@ -358,35 +489,229 @@ class _Fid:
   batch_size: int
 
   def __call__(self, images: np.ndarray) -> float:
-    from diffdyn import fid  # pylint: disable=import-outside-toplevel
-    features = fid.inception_features(self.params, images, batch_size=self.batch_size)
-    mu, sigma = fid.feature_stats(features)
-    return fid.frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"])
+    features = fid_lib.inception_features(self.params, images, batch_size=self.batch_size)
+    mu, sigma = fid_lib.feature_stats(features)
+    return fid_lib.frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"])
 
 
 def _load_fid(weights_path: str, stats_path: str | None, config, data_images: np.ndarray,
               batch_size: int) -> _Fid:
-  from diffdyn import fid  # pylint: disable=import-outside-toplevel
-  params = fid.load_inception(weights_path)
+  params = fid_lib.load_inception(weights_path)
   if stats_path:
-    reference = fid.load_stats(stats_path)
+    reference = fid_lib.load_stats(stats_path)
   else:
-    reference = fid.reference_stats(params, data_images,
+    reference = fid_lib.reference_stats(params, data_images,
                                     cache_dir=config.fid.cache_dir or io.default_cache_dir(),
                                     batch_size=config.fid.batch_size)
   return _Fid(params, reference, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# The audit.
+# Evidence: samplers against the data and against the reference.
 # ----------------------------------------------------------------------------------------------
 
 
-def _audit_config(config) -> ml_collections.ConfigDict:
-  """The run's config with FIXED_EVAL in place of its own sampler settings."""
-  audit = ml_collections.ConfigDict(config.to_dict())
-  audit.eval.update(FIXED_EVAL)
-  return audit
+def _ratio(a: float, b: float) -> float:
+  return a / b if b > 0 else math.nan
+
+
+def relative_stats(stats: dict, data_stats: dict) -> dict[str, float]:
+  """The statistics that symptoms are judged on, relative to the data's."""
+  return dict(saturated_ratio=_ratio(stats["saturated"], data_stats["saturated"]),
+              hf_ratio=_ratio(stats["hf_fraction"], data_stats["hf_fraction"]),
+              levels_ratio=_ratio(stats["unique_levels"], data_stats["unique_levels"]))
+
+
+def symptoms(stats: dict, data_stats: dict, thresholds: Thresholds = Thresholds()) -> list[str]:
+  """The seeds' symptoms that samples with `stats` show, judged against the data's."""
+  found = []
+  if stats["saturated"] > max(thresholds.saturation_factor * data_stats["saturated"],
+                              thresholds.saturation_min):
+    found.append("saturated")
+  if stats["hf_fraction"] > thresholds.hf_ratio_min * data_stats["hf_fraction"]:
+    found.append("speckle")
+  if stats["unique_levels"] < thresholds.levels_factor * data_stats["unique_levels"]:
+    found.append("posterized")
+  return found
+
+
+def against_reference(row: dict, reference: dict, thresholds: Thresholds) -> dict:
+  """How a configuration's samples compare with the reference's from the same x_T.
+
+  Worse when its yardstick (distance to the data) exceeds worse_factor x the reference's,
+  or its saturation exceeds both saturation_factor x and saturation_min above the
+  reference's.
+  """
+  s, r = row["stats"], reference["stats"]
+  quality = _ratio(row["quality"], reference["quality"])
+  reasons = []
+  if quality > thresholds.worse_factor:
+    reasons.append(f"{row['quality_name']} {quality:.2g}x the reference's")
+  if s["saturated"] > max(thresholds.saturation_factor * r["saturated"],
+                          r["saturated"] + thresholds.saturation_min):
+    reasons.append(f"saturated {s['saturated']:.1%} against {r['saturated']:.1%}")
+  return dict(quality_ratio=quality, hf_ratio=_ratio(s["hf_fraction"], r["hf_fraction"]),
+              saturated_ratio=_ratio(s["saturated"], r["saturated"]),
+              levels_ratio=_ratio(s["unique_levels"], r["unique_levels"]),
+              worse=bool(reasons), reasons=reasons)
+
+
+def measure(sc: SamplerConfig, params: str, images: np.ndarray, data_stats: dict,
+            quality: Callable[[np.ndarray], float], quality_name: str,
+            thresholds: Thresholds) -> dict:
+  """One configuration's row: statistics, symptoms against the data, its yardstick."""
+  stats = pixel_stats(images)
+  return dict(dataclasses.asdict(sc), params=params, stats=stats,
+              relative=relative_stats(stats, data_stats),
+              symptoms=symptoms(stats, data_stats, thresholds), quality=quality(images),
+              quality_name=quality_name, grid=f"grid_{params}_{sc.name}.png")
+
+
+def compare_to_reference(rows: Sequence[dict], thresholds: Thresholds) -> None:
+  """Adds `vs_reference` to every row: against the reference of the same parameters."""
+  for params in {r["params"] for r in rows}:
+    group = [r for r in rows if r["params"] == params]
+    reference = [r for r in group if r["role"] == "reference"]
+    for row in group:
+      row["vs_reference"] = (against_reference(row, reference[0], thresholds)
+                             if reference and row["role"] != "reference" else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evidence: model quality over training, EMA against raw parameters.
+# ----------------------------------------------------------------------------------------------
+
+
+def quality_trend(points: Sequence[tuple[int, float]], source: str,
+                  tolerance: float) -> dict:
+  """Is quality (a distance: lower is better) still improving at the last evaluation?
+
+  Improving when the last value is below the one before it by more than `tolerance` of
+  that one; None (unknown) with fewer than two finite points.
+  """
+  points = sorted((int(s), float(v)) for s, v in points if math.isfinite(v))
+  improving, change = None, None
+  if len(points) >= 2:
+    (_, before), (_, last) = points[-2], points[-1]
+    change = (last - before) / before if before else math.nan
+    improving = bool(last < before * (1.0 - tolerance))
+  return dict(source=source, points=[list(p) for p in points], improving=improving,
+              relative_change=change, tolerance=tolerance)
+
+
+def logged_fid_trend(run: runs_lib.Run | None, tolerance: float) -> dict | None:
+  """The trend of the run's own milestone FIDs (EMA, else raw), if it logged 2 or more."""
+  if run is None:
+    return None
+  for key in (criteria.MILESTONE_FID, criteria.RAW_MILESTONE_FID):
+    if run.has(key):
+      steps, values = run.series(key)
+      trend = quality_trend(zip(steps.tolist(), values.tolist()), f"`{key}` in metrics.jsonl",
+                            tolerance)
+      if trend["improving"] is not None:
+        return trend
+  return None
+
+
+def ema_evidence(step: int, decay: float, warmup: bool, quality: dict[str, float],
+                 quality_name: str, thresholds: Thresholds) -> dict:
+  """The EMA's initialisation weight at `step` and the reference's yardstick per params."""
+  init_weight = float(yardsticks.ema_init_weight([step], decay, warmup)[0])
+  raw, ema = quality.get("raw"), quality.get("ema")
+  raw_better = None
+  if raw is not None and ema is not None:
+    raw_better = bool(raw < ema * (1.0 - thresholds.quality_tolerance))
+  return dict(step=step, decay=decay, warmup=warmup, init_weight=init_weight,
+              quality=quality, quality_name=quality_name, raw_better=raw_better,
+              dominated=bool(init_weight > thresholds.ema_init_weight_max and raw_better))
+
+
+def _names(rows: Sequence[dict]) -> str:
+  return ", ".join(f"{r['label']} [{r['params']}]" for r in rows) or "none"
+
+
+def weigh_evidence(rows: Sequence[dict], trend: dict | None, ema: dict | None) -> dict:
+  """The verdict (module docstring) and the findings behind it, as sentences.
+
+  `rows` carry `vs_reference` (compare_to_reference); `trend` is a quality_trend, `ema` an
+  ema_evidence, each None where unknown.
+  """
+  correct = [r for r in rows if r["respacing"] == "respaced"]
+  worse = [r for r in rows if r.get("vs_reference") and r["vs_reference"]["worse"]]
+  worse_audited = [r for r in worse if r["role"] == "audited"]
+  striding = [r for r in worse_audited if r["respacing"] == "none"]
+  improving = trend["improving"] if trend else None
+
+  findings = []
+  for r in worse:
+    findings.append(f"{r['label']} [{r['params']}] is worse than the reference on the same "
+                    f"x_T: {'; '.join(r['vs_reference']['reasons'])}.")
+  controls = [r for r in rows if r["respacing"] == "none" and r["role"] == "control"]
+  if controls and all(r in worse for r in controls) and not worse_audited:
+    findings.append("The stride control is worse than the reference and the run's samplers "
+                    "are not: that is what a sampler that strides the original βs without "
+                    "recomputing them does to this network.")
+  with_symptoms = [r for r in rows if r["symptoms"]]
+  if with_symptoms:
+    findings.append("Against the data: " + "; ".join(
+        f"{r['label']} [{r['params']}] {', '.join(r['symptoms'])}" for r in with_symptoms)
+        + ".")
+  if trend:
+    values = ", ".join(f"{s}: {v:.4g}" for s, v in trend["points"])
+    reading = {True: "still improves", False: "no longer improves",
+               None: "unknown (fewer than two evaluations)"}[improving]
+    findings.append(f"Quality over training ({trend['source']}; lower is better): {values}: "
+                    f"{reading} (tolerance {trend['tolerance']:.0%}).")
+  if ema:
+    q = ", ".join(f"{p} {v:.4g}" for p, v in ema["quality"].items())
+    findings.append(f"EMA at step {ema['step']} (decay {ema['decay']}, "
+                    f"{'with' if ema['warmup'] else 'no'} warm-up): {ema['init_weight']:.1%} "
+                    f"of it is the initialisation; reference {ema['quality_name']}: {q}.")
+
+  costly = [r for r in worse_audited if r["respacing"] != "none"]
+  cost = (f"; {_names(costly)} {'is' if len(costly) == 1 else 'are'} respaced correctly but "
+          "worse than the reference: the step count, not a respacing bug, costs quality on "
+          "this network" if costly else "")
+  if striding:
+    answer = VERDICT_STRIDE
+    text = (f"{VERDICT_STRIDE}: {_names(striding)} {'is' if len(striding) == 1 else 'are'} "
+            "worse than the reference sampler on the same x_T and strides the original betas "
+            "without recomputing them: each step removes one original step's worth of noise, "
+            "so noise is left in the samples.")
+  elif ema and ema["dominated"]:
+    answer = VERDICT_EMA
+    text = (f"{VERDICT_EMA}: {ema['init_weight']:.1%} of the EMA parameters is still the "
+            f"initialisation at step {ema['step']}, and the raw parameters are better "
+            f"({ema['quality_name']} {ema['quality']['raw']:.4g} against "
+            f"{ema['quality']['ema']:.4g}){cost}.")
+  elif improving:
+    answer = "under-trained"
+    clean = [r for r in correct if not r["symptoms"]]
+    if not clean:
+      text = (f"{VERDICT_UNDERTRAINED}: every correctly respaced sampler, the reference "
+              "included, shows a symptom against the data, the run's samplers show no "
+              f"striding defect, and quality still improves{cost}.")
+    else:
+      text = ("under-trained: quality still improves with steps and the run's samplers show "
+              f"no striding defect ({_names(clean)} show no symptom against the data){cost}.")
+  else:
+    answer = VERDICT_NONE
+    reading = {False: "quality no longer improves with steps",
+               None: "whether quality still improves is unknown"}[improving]
+    text = (f"{VERDICT_NONE}: the run's samplers show no striding defect and {reading}{cost}.")
+  return dict(answer=answer, text=text, findings=findings,
+              worse_than_reference=[f"{r['params']}/{r['name']}" for r in worse],
+              reproducing=[r["name"] for r in rows if len(r["symptoms"]) == len(SYMPTOMS)],
+              with_symptoms=sorted({r["name"] for r in rows if r["symptoms"]}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The audit.
+# ----------------------------------------------------------------------------------------------
+
+# The quality trend from checkpoints uses at most this many of the newest ones (each costs a
+# reference-sampler run per parameter set).
+MAX_TREND_CHECKPOINTS = 4
 
 
 def data_subset(images: np.ndarray, limit: int = MAX_DATA_IMAGES) -> np.ndarray:
@@ -396,18 +721,19 @@ def data_subset(images: np.ndarray, limit: int = MAX_DATA_IMAGES) -> np.ndarray:
   return images[np.linspace(0, images.shape[0] - 1, limit).round().astype(int)]
 
 
-def _check_counts(num_samples: int, batch_size: int | None, with_fid: bool, ddpm_nfe: int,
-                  ddim_nfe: int) -> None:
+def _check_counts(num_samples: int, batch_size: int | None, ddpm_nfe: int, ddim_nfe: int,
+                  params: str) -> None:
   for flag, nfe in (("--nfe", ddpm_nfe), ("--ddim-nfe", ddim_nfe)):
     if nfe < 2:
       raise AuditError(f"{flag} must be >= 2 (a linspace sampler keeps t=0 and t=T-1), got "
                        f"{nfe}")
-  if num_samples < 1:
-    raise AuditError(f"--num-samples must be >= 1, got {num_samples}")
-  if with_fid and num_samples < 2:
-    raise AuditError(f"FID needs --num-samples >= 2, got {num_samples}; or pass --no-fid")
+  if num_samples < 2:
+    # The yardstick (FID or pixel FD) fits a Gaussian: it needs two samples at least.
+    raise AuditError(f"--num-samples must be >= 2, got {num_samples}")
   if batch_size is not None and batch_size < 1:
     raise AuditError(f"--batch-size must be >= 1, got {batch_size}")
+  if params not in PARAMS_CHOICES:
+    raise AuditError(f"--params must be one of {', '.join(PARAMS_CHOICES)}, got {params!r}")
 
 
 @dataclasses.dataclass
@@ -415,74 +741,102 @@ class _Inputs:
   """Everything the audit reads from a run, checked before anything is sampled."""
   config: Any
   model: Any
-  ema_params: Any
+  checkpoints: _Checkpoints
+  state: Any
   step: int
+  run: runs_lib.Run | None
   data_images: np.ndarray
   weights_path: str | None
   stats_path: str | None
   warnings: list[str]
 
 
+def _read_metrics(run_dir: pathlib.Path) -> tuple[runs_lib.Run | None, list[str]]:
+  try:
+    return runs_lib.load_run(run_dir), []
+  except runs_lib.RunFormatError as e:
+    return None, [f"{e}; the quality trend comes from the checkpoints instead"]
+
+
 def _read_inputs(run_dir: pathlib.Path, inception_weights: str | None,
                  reference_stats: str | None, use_fid: bool) -> _Inputs:
-  """The run's config, EMA parameters and data, and the FID files; cheap checks first."""
+  """The run's config, checkpoints, metrics and data, and the FID files; cheap checks first."""
   config, warnings = load_config(run_dir)
   weights_path = find_inception_weights(inception_weights, config) if use_fid else None
   stats_path = find_reference_stats(reference_stats, config) if weights_path else None
-  model = models.get_model(config.model, train_lib.compute_dtype(config))
-  ema_params, step, restore_warnings = restore_ema_params(run_dir, config, model)
-  return _Inputs(config, model, ema_params, step, data_lib.load_images(config.data),
-                 weights_path, stats_path, warnings + restore_warnings)
+  model, template = _state_template(config)
+  ckpts, state, step, restore_warnings = open_checkpoints(run_dir, template)
+  run, metric_warnings = _read_metrics(run_dir)
+  try:
+    images = data_lib.load_images(config.data)
+  except BaseException:
+    ckpts.close()
+    raise
+  return _Inputs(config, model, ckpts, state, step, run, images, weights_path, stats_path,
+                 warnings + restore_warnings + metric_warnings)
 
 
-def _sample_and_measure(sc: SamplerConfig, inputs: _Inputs, rng, num_samples: int,
-                        batch_size: int, data_stats: dict, thresholds: Thresholds,
-                        fid_fn) -> tuple[dict, np.ndarray]:
-  """(the configuration's row of audit.json, its samples)."""
-  start = time.monotonic()
-  sample_fn = evaluate.get_sample_fn(_audit_config(inputs.config), inputs.model,
-                                     train_lib.make_schedule(inputs.config),
-                                     sampler=sc.sampler, nfe=sc.nfe, eta=sc.eta,
-                                     batch_size=batch_size, respacing=sc.respacing)
-  images = evaluate.sample_images(sample_fn, inputs.ema_params, rng, num_samples, batch_size)
-  seconds = time.monotonic() - start
-  stats = pixel_stats(images)
-  row = dict(dataclasses.asdict(sc), stats=stats, relative=relative_stats(stats, data_stats),
-             symptoms=symptoms(stats, data_stats, thresholds),
-             fid=fid_fn(images) if fid_fn else None, grid=f"grid_{sc.name}.png",
-             sample_seconds=seconds)
-  return row, images
+def _with_reference(configurations: Sequence[SamplerConfig],
+                    num_timesteps: int) -> tuple[SamplerConfig, ...]:
+  if any(c.role == "reference" for c in configurations):
+    return tuple(configurations)
+  return (*configurations, reference_configuration(num_timesteps))
 
 
-def _run_eval(config) -> dict:
-  """The run's own FID sampler settings, for the report."""
-  e = config.eval
-  return dict(sampler=e.sampler, nfe=e.nfe, eta=e.eta, respacing=e.respacing,
-              variance=e.variance, clip_x0=e.clip_x0, spacing=e.spacing)
+def _params_of(state, which: str):
+  return state.ema_params if which == "ema" else state.params
+
+
+def checkpoint_trend(inputs: _Inputs, draw: Callable, param_sets: Sequence[str], rng,
+                     num_samples: int, latest: dict[str, float], quality: Callable,
+                     quality_name: str, tolerance: float) -> dict:
+  """The reference sampler's yardstick at the newest kept checkpoints, per parameter set.
+
+  Improving when either parameter set still improves: the network, averaged or not, is still
+  getting better with steps. `latest` holds the values at the audited step.
+  """
+  older = [s for s in inputs.checkpoints.steps() if s < inputs.step]
+  older = older[-(MAX_TREND_CHECKPOINTS - 1):]
+  points = {p: [(inputs.step, latest[p])] for p in param_sets}
+  for step in older:
+    state = inputs.checkpoints.restore(step)
+    if state is None:
+      inputs.warnings.append(f"the checkpoint at step {step} does not restore; the quality "
+                             "trend leaves it out")
+      continue
+    for p in param_sets:
+      points[p].append((step, quality(draw(_params_of(state, p), rng, num_samples))))
+  by_params = {p: quality_trend(points[p], f"reference sampler's {quality_name}, {p} "
+                                f"parameters, at the kept checkpoints", tolerance)
+               for p in param_sets}
+  chosen = next((t for t in by_params.values() if t["improving"]), by_params[param_sets[0]])
+  return dict(chosen, by_params=by_params)
 
 
 def run_audit(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
               num_samples: int = 500, batch_size: int | None = None, seed: int = 0,
               inception_weights: str | None = None, reference_stats: str | None = None,
               use_fid: bool = True, ddpm_nfe: int = 50, ddim_nfe: int = 20,
-              configurations: Sequence[SamplerConfig] | None = None,
+              params: str = "both", configurations: Sequence[SamplerConfig] | None = None,
               thresholds: Thresholds = Thresholds(), command: str | None = None) -> dict:
-  """Samples, measures and writes the audit of one run; returns what audit.json holds.
+  """Samples, measures, weighs and writes the audit of one run; returns what audit.json holds.
 
   Args:
-    run_dir: a run directory (config.json and checkpoints/).
+    run_dir: a run directory (config.json and checkpoints/; metrics.jsonl if there).
     out_dir: where the audit goes; default RUN_DIR/audit.
     num_samples: samples per configuration, drawn from the same x_T for every one.
     batch_size: samples per compiled batch; default min(num_samples, eval.sample_batch_size).
     seed: the noise: batch i of every configuration uses fold_in(PRNGKey(seed), i).
     inception_weights: an Inception weights file; default the run's, else a cached copy,
-      else no FID.
+      else no FID (the yardstick is then pixel_fd).
     reference_stats: an .npz with the data's mu/sigma; default the run's, else computed.
     use_fid: False skips FID even when weights are found.
-    ddpm_nfe: steps of the two DDPM-50 configurations (capped at T).
-    ddim_nfe: steps of the DDIM-20 configuration (capped at T).
-    configurations: replaces `default_configurations(T, ddpm_nfe, ddim_nfe)`.
-    thresholds: where statistics become symptoms.
+    ddpm_nfe: steps of the two DDPM-50 controls (capped at T).
+    ddim_nfe: steps of the DDIM-20 control (capped at T).
+    params: "ema", "raw" or "both": which parameters every configuration samples with.
+    configurations: replaces `default_configurations(config, ddpm_nfe, ddim_nfe)`; the
+      reference is added when none has that role.
+    thresholds: where statistics become symptoms, defects and findings.
     command: the command line, for the report.
 
   Raises:
@@ -491,39 +845,74 @@ def run_audit(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
   """
   run_dir = pathlib.Path(run_dir)
   out_dir = pathlib.Path(out_dir) if out_dir is not None else run_dir / AUDIT_DIR
-  _check_counts(num_samples, batch_size, use_fid, ddpm_nfe, ddim_nfe)
+  _check_counts(num_samples, batch_size, ddpm_nfe, ddim_nfe, params)
   inputs = _read_inputs(run_dir, inception_weights, reference_stats, use_fid)
+  try:
+    return _audit(inputs, run_dir, out_dir, num_samples, batch_size, seed, params,
+                  configurations, thresholds, ddpm_nfe, ddim_nfe, command)
+  finally:
+    inputs.checkpoints.close()
+
+
+def _audit(inputs: _Inputs, run_dir, out_dir, num_samples, batch_size, seed, params,
+           configurations, thresholds, ddpm_nfe, ddim_nfe, command) -> dict:
   config = inputs.config
-  out_dir.mkdir(parents=True, exist_ok=True)
+  t_count = config.diffusion.num_timesteps
   batch_size = batch_size or min(num_samples, config.eval.sample_batch_size)
-  configurations = tuple(configurations or default_configurations(
-      config.diffusion.num_timesteps, ddpm_nfe, ddim_nfe))
-  data_stats = pixel_stats(data_subset(inputs.data_images))
-  fid_fn = None
+  configurations = _with_reference(
+      configurations or default_configurations(config, ddpm_nfe, ddim_nfe), t_count)
+  param_sets = PARAMS if params == "both" else (params,)
+  data = data_subset(inputs.data_images)
+  data_stats = pixel_stats(data)
   if inputs.weights_path:
-    fid_fn = _load_fid(inputs.weights_path, inputs.stats_path, config, inputs.data_images,
-                       min(config.fid.batch_size, num_samples))
+    quality = _load_fid(inputs.weights_path, inputs.stats_path, config, inputs.data_images,
+                        min(config.fid.batch_size, num_samples))
+    quality_name = "FID"
+  else:
+    quality, quality_name = (lambda images: pixel_fd(images, data)), "pixel FD"
+  out_dir.mkdir(parents=True, exist_ok=True)
   # One key for every configuration: the samplers draw x_T from it, so all start alike.
   rng = jax.random.PRNGKey(seed)
-  rows, grids = [], {DATA: io.image_grid(inputs.data_images[:min(num_samples, GRID_IMAGES)])}
-  for sc in configurations:
-    row, images = _sample_and_measure(sc, inputs, rng, num_samples, batch_size, data_stats,
-                                      thresholds, fid_fn)
-    rows.append(row)
-    grids[sc.name] = io.image_grid(images[:GRID_IMAGES])
+  draws = {sc.name: _sampler(config, inputs.model, sc, batch_size) for sc in configurations}
+  rows, grids = [], {DATA: grid_of(data)}
+  for p in param_sets:
+    for sc in configurations:
+      start = time.monotonic()
+      images = draws[sc.name](_params_of(inputs.state, p), rng, num_samples)
+      row = measure(sc, p, images, data_stats, quality, quality_name, thresholds)
+      row["sample_seconds"] = time.monotonic() - start
+      rows.append(row)
+      grids[f"{p}_{sc.name}"] = grid_of(images)
+  compare_to_reference(rows, thresholds)
+  reference = next(sc for sc in configurations if sc.role == "reference")
+  latest = {r["params"]: r["quality"] for r in rows if r["role"] == "reference"}
+  trend = logged_fid_trend(inputs.run, thresholds.quality_tolerance) or checkpoint_trend(
+      inputs, draws[reference.name], param_sets, rng, num_samples, latest, quality,
+      quality_name, thresholds.quality_tolerance)
+  decay = float(config.train.ema_decay)
+  warmup = bool(config.train.get("ema_warmup", False))
+  ema = ema_evidence(inputs.step, decay, warmup, latest, quality_name, thresholds)
   result = dict(
-      run_dir=str(run_dir), step=inputs.step, name=config.name,
-      num_timesteps=config.diffusion.num_timesteps, num_samples=num_samples,
-      batch_size=batch_size, seed=seed, fixed_eval=FIXED_EVAL, run_eval=_run_eval(config),
+      run_dir=str(run_dir), step=inputs.step, name=config.name, num_timesteps=t_count,
+      num_samples=num_samples, batch_size=batch_size, seed=seed, params=list(param_sets),
+      fixed_eval=FIXED_EVAL, run_eval=_run_eval(config),
       fid=dict(weights=inputs.weights_path, reference_stats=inputs.stats_path or (
           "computed from the run's data" if inputs.weights_path else None)),
+      quality=dict(name=quality_name, num_data_images=int(len(data))),
       thresholds=dataclasses.asdict(thresholds),
-      data=dict(stats=data_stats, num_images=int(min(len(inputs.data_images), MAX_DATA_IMAGES)),
-                grid=f"grid_{DATA}.png"),
-      configurations=rows, verdict=verdict(rows), figure=FIGURE_FILE,
+      data=dict(stats=data_stats, num_images=int(len(data)), grid=f"grid_{DATA}.png"),
+      configurations=rows, trend=trend, ema=ema,
+      verdict=weigh_evidence(rows, trend, ema), figure=FIGURE_FILE,
       warnings=inputs.warnings, command=command)
   write_outputs(result, grids, out_dir)
   return result
+
+
+def _run_eval(config) -> dict:
+  """The run's own FID sampler settings, for the report."""
+  e = config.eval
+  return dict(sampler=e.sampler, nfe=e.nfe, eta=e.eta, respacing=e.respacing,
+              variance=e.variance, clip_x0=e.clip_x0, spacing=e.spacing)
 
 
 def write_outputs(result: dict, grids: dict[str, np.ndarray], out_dir: pathlib.Path) -> None:
@@ -534,70 +923,6 @@ def write_outputs(result: dict, grids: dict[str, np.ndarray], out_dir: pathlib.P
   (out_dir / REPORT_FILE).write_text(render_markdown(result), encoding="utf-8")
   (out_dir / JSON_FILE).write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False)
                                    + "\n", encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------------------
-# The verdict: is it the sampler?
-# ----------------------------------------------------------------------------------------------
-
-
-def _names(rows: Sequence[dict]) -> str:
-  return ", ".join(r["label"] for r in rows) or "none"
-
-
-def _symptom_summary(full: Sequence[dict], some: Sequence[dict],
-                     clean: Sequence[dict]) -> str:
-  parts = [f"{_names(full)} reproduce{'s' if len(full) == 1 else ''} all three symptoms"
-           if full else "No configuration shows all three symptoms"]
-  parts += [f"{r['label']} shows {', '.join(r['symptoms'])}" for r in some]
-  if clean:
-    parts.append(f"{_names(clean)} show{'s' if len(clean) == 1 else ''} none")
-  return "; ".join(parts) + "."
-
-
-def verdict(rows: Sequence[dict]) -> dict:
-  """Which configurations reproduce the symptoms, and the answer to "is it the sampler?"."""
-  full = [r for r in rows if len(r["symptoms"]) == len(SYMPTOMS)]
-  some = [r for r in rows if r["symptoms"] and r not in full]
-  clean = [r for r in rows if not r["symptoms"]]
-  correct = [r for r in rows if r["respacing"] == "respaced"]
-  ablation = [r for r in rows if r["respacing"] == "none"]
-  bad_correct = [r for r in correct if r["symptoms"]]
-  bad_ablation = [r for r in ablation if r["symptoms"]]
-
-  lines = [_symptom_summary(full, some, clean)]
-  if bad_ablation and correct and not bad_correct:
-    answer = "yes"
-    lines.append(
-        "Only the sampler that strides the original betas without recomputing them "
-        "(respacing=\"none\") shows them; the respaced samplers on the same noise do not. "
-        "Such a sampler treats each of its steps as one original step, so it removes one "
-        "step's worth of noise where it should remove many, and much of the noise is still "
-        "in the sample when the last step clips it to [-1, 1]. If the seeds' harness samples "
-        "this way, that alone explains their grids and their FID; fix the sampler before "
-        "reading FID.")
-  elif correct and len(bad_correct) == len(correct):
-    answer = "no"
-    lines.append(
-        "Every correctly respaced sampler shows symptoms too, the full chain over all "
-        "timesteps included (it needs no respacing), so the sampler is not their cause; "
-        "look at the network and its training.")
-  elif not full and not some:
-    answer = "no symptoms"
-    lines.append("No configuration shows the seeds' symptoms for this checkpoint, so the "
-                 "sampler cannot be blamed for them here.")
-  else:
-    answer = "partly"
-    lines.append(
-        f"Some correctly respaced samplers show symptoms ({_names(bad_correct)}) and others "
-        f"do not ({_names([r for r in correct if not r['symptoms']])}): the choice of "
-        "sampler (steps, DDPM noise vs deterministic DDIM) matters for this network, but "
-        "no single sampler bug explains the seeds' grids.")
-  fids = [(r["fid"], r["label"]) for r in rows if r.get("fid") is not None]
-  if fids:
-    lines.append("FID: " + ", ".join(f"{label} {value:.1f}" for value, label in fids) + ".")
-  return dict(answer=answer, reproducing=[r["name"] for r in full],
-              with_symptoms=[r["name"] for r in rows if r["symptoms"]], text=" ".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,8 +938,8 @@ def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value]
   if isinstance(value, (np.floating, float)):
     return float(value) if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
+  if isinstance(value, (np.integer, np.bool_)):
+    return value.item()
   return value
 
 
@@ -624,57 +949,81 @@ def _num(x: float | None, fmt: str = ".3g") -> str:
   return format(x, fmt)
 
 
-def _title(label: str, stats: dict, relative: dict | None, found: Sequence[str] | None,
-           fid: float | None) -> str:
-  hf = f"HF {stats['hf_fraction']:.2f}"
-  if relative is not None:
-    hf += f" (x{_num(relative['hf_ratio'], '.2g')})"
-  numbers = f"sat {stats['saturated']:.1%}, {hf}" + (f", FID {fid:.1f}" if fid is not None
-                                                      else "")
-  if found is None:
-    return f"{label}\n{numbers}\n(training images)"
-  return f"{label}\n{numbers}\n{', '.join(found) or 'no symptoms'}"
+def _title(row: dict | None, stats: dict) -> str:
+  if row is None:
+    return f"data\nsat {stats['saturated']:.1%}, HF {stats['hf_fraction']:.2f}\n(training images)"
+  vs = row["vs_reference"]
+  against = (f"x{_num(vs['quality_ratio'], '.2g')} ref" if vs else "reference")
+  verdict = ("WORSE than ref" if vs and vs["worse"] else ", ".join(row["symptoms"])
+             or "no symptoms")
+  return (f"{row['label']}\nsat {stats['saturated']:.1%}, HF {stats['hf_fraction']:.2f}, "
+          f"{row['quality_name']} {_num(row['quality'], '.3g')} ({against})\n{verdict}")
 
 
 def write_figure(result: dict, grids: dict[str, np.ndarray], path: pathlib.Path) -> None:
-  """The data's grid and every configuration's, side by side, with their key statistics."""
-  panels = [(_title("data", result["data"]["stats"], None, None, None), grids[DATA])]
-  panels += [(_title(r["label"], r["stats"], r["relative"], r["symptoms"], r["fid"]),
-              grids[r["name"]]) for r in result["configurations"]]
-  fig = matplotlib.figure.Figure(figsize=(2.8 * len(panels), 3.7), dpi=130)
+  """Data and every configuration side by side, one row per parameter set (EMA, raw)."""
+  params = result["params"]
+  names = [r["name"] for r in result["configurations"] if r["params"] == params[0]]
+  columns = 1 + len(names)
+  fig = matplotlib.figure.Figure(figsize=(3.0 * columns, 3.6 * len(params) + 0.4), dpi=110)
   backend_agg.FigureCanvasAgg(fig)
-  for i, (title, grid) in enumerate(panels):
-    ax = fig.add_subplot(1, len(panels), i + 1)
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+  by_key = {(r["params"], r["name"]): r for r in result["configurations"]}
+  for i, p in enumerate(params):
+    panels = [(_title(None, result["data"]["stats"]), grids[DATA])]
+    panels += [(_title(by_key[(p, n)], by_key[(p, n)]["stats"]), grids[f"{p}_{n}"])
+               for n in names]
+    for j, (title, grid) in enumerate(panels):
+      ax = fig.add_subplot(len(params), columns, i * columns + j + 1)
+      ax.imshow(grid, interpolation="nearest")
+      ax.set_title(title, fontsize=7)
+      ax.set_axis_off()
+      if j == 1:
+        ax.text(-0.08, 0.5, f"{p} parameters", transform=ax.transAxes, rotation=90,
+                ha="right", va="center", fontsize=9)
   fig.suptitle(f"{result['name']} at step {result['step']}: the same x_T through every "
-               "sampler", fontsize=10)
-  # Leaves the top strip to the suptitle, which tight_layout would otherwise overlap.
-  fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.9))
+               "sampler, EMA and raw parameters", fontsize=10)
+  fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.95))
   fig.savefig(path)
 
 
-def _table(result: dict) -> list[str]:
-  lines = ["| configuration | NFE | FID | saturated | x data | HF fraction | x data | "
-           "levels | x data | mean | std | symptoms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _table(result: dict, params: str) -> list[str]:
+  lines = [f"### {params} parameters", "",
+           f"| configuration | role | NFE | {result['quality']['name']} | x ref | saturated | "
+           "x ref | HF fraction | x data | x ref | levels | x data | symptoms (vs data) | "
+           "worse than the reference |", "|" + "---|" * 14]
   d = result["data"]["stats"]
-  lines.append(f"| data ({result['data']['num_images']} images) | | | {d['saturated']:.2%} | 1 | "
-               f"{d['hf_fraction']:.3f} | 1 | {d['unique_levels']:.1f} | 1 | {d['mean']:.1f} | "
-               f"{d['std']:.1f} | |")
+  lines.append(f"| data ({result['data']['num_images']} images) | | | | | {d['saturated']:.2%} "
+               f"| | {d['hf_fraction']:.3f} | 1 | | {d['unique_levels']:.1f} | 1 | | |")
   for r in result["configurations"]:
-    s, rel = r["stats"], r["relative"]
+    if r["params"] != params:
+      continue
+    s, rel, vs = r["stats"], r["relative"], r["vs_reference"] or {}
+    worse = ("-" if not vs else ("**yes**: " + "; ".join(vs["reasons"]) if vs["worse"] else "no"))
     lines.append(
-        f"| {r['label']} | {r['nfe']} | {_num(r['fid'], '.1f')} | {s['saturated']:.2%} | "
-        f"{_num(rel['saturated_ratio'])} | {s['hf_fraction']:.3f} | {_num(rel['hf_ratio'])} | "
-        f"{s['unique_levels']:.1f} | {_num(rel['levels_ratio'])} | {s['mean']:.1f} | "
-        f"{s['std']:.1f} | {', '.join(r['symptoms']) or '-'} |")
-  return lines
+        f"| {r['label']} | {r['role']} | {r['nfe']} | {_num(r['quality'], '.4g')} | "
+        f"{_num(vs.get('quality_ratio'))} | {s['saturated']:.2%} | "
+        f"{_num(vs.get('saturated_ratio'))} | {s['hf_fraction']:.3f} | {_num(rel['hf_ratio'])} | "
+        f"{_num(vs.get('hf_ratio'))} | {s['unique_levels']:.1f} | {_num(rel['levels_ratio'])} | "
+        f"{', '.join(r['symptoms']) or '-'} | {worse} |")
+  return lines + [""]
+
+
+def _trend_lines(trend: dict | None) -> list[str]:
+  if not trend:
+    return ["No quality trend: the run logged fewer than two milestone FIDs and kept one "
+            "checkpoint.", ""]
+  lines = []
+  for t in trend.get("by_params", {"": trend}).values():
+    values = ", ".join(f"step {s}: {v:.4g}" for s, v in t["points"])
+    reading = {True: "still improves", False: "does not improve", None: "unknown"}[t["improving"]]
+    change = (f" (last change {t['relative_change']:+.1%})" if t["relative_change"] is not None
+              else "")
+    lines.append(f"- {t['source']}: {values}{change}: **{reading}**")
+  return lines + [""]
 
 
 def render_markdown(result: dict) -> str:
-  t, v = result["thresholds"], result["verdict"]
+  t, v, e = result["thresholds"], result["verdict"], result["ema"]
   run_eval = ", ".join(f"{k}={val}" for k, val in result["run_eval"].items())
   fixed = ", ".join(f"{k}={val}" for k, val in result["fixed_eval"].items())
   fid = result["fid"]
@@ -682,20 +1031,37 @@ def render_markdown(result: dict) -> str:
   if result["command"]:
     lines += [f"Generated by `{result['command']}`.", ""]
   lines += [
-      f"Run `{result['run_dir']}`, EMA parameters at step {result['step']}, T = "
-      f"{result['num_timesteps']}. {result['num_samples']} samples per configuration, all "
-      f"from the same x_T (seed {result['seed']}); every configuration uses {fixed}. The "
-      f"run's own FID sampler: {run_eval}.", "",
-      "## Is it the sampler?", "", f"**{v['answer']}**. {v['text']}", "",
-      "## Measurements", ""]
-  lines += _table(result)
+      f"Run `{result['run_dir']}`, checkpoint at step {result['step']}, T = "
+      f"{result['num_timesteps']}, {' and '.join(result['params'])} parameters. "
+      f"{result['num_samples']} samples per configuration, all from the same x_T (seed "
+      f"{result['seed']}); the reference and the controls use {fixed}. The run's own FID "
+      f"sampler: {run_eval}.", "",
+      "## Verdict", "", f"**{v['answer']}**", "", v["text"], "", "Evidence:", ""]
+  lines += [f"- {f}" for f in v["findings"]]
+  lines += ["", "## Samplers from the same x_T", "",
+            f"Yardstick: **{result['quality']['name']}** against "
+            f"{result['quality']['num_data_images']} training images (lower is better; " + (
+                f"Inception weights `{fid['weights']}`, reference {fid['reference_stats']}; "
+                f"with {result['num_samples']} samples it is biased upwards, so compare the "
+                "rows with each other, not with 50k-sample FIDs)" if fid["weights"] else
+                "no Inception weights given: the Frechet distance between the pixel values' "
+                "Gaussians at <= 16x16, which has no absolute scale; pass "
+                "--inception-weights FILE for FID)") + ". \"x ref\": the ratio to the "
+            "reference's value with the same parameters.", ""]
+  for p in result["params"]:
+    lines += _table(result, p)
+  lines += ["## Quality over training", ""] + _trend_lines(result["trend"])
+  lines += ["## EMA against raw parameters", "",
+            f"- Initialisation left in the EMA at step {e['step']}: {e['init_weight']:.2%} "
+            f"(decay {e['decay']}, {'with' if e['warmup'] else 'no'} warm-up: the product of "
+            "the decays).",
+            "- Reference sampler's " + e["quality_name"] + ": " + ", ".join(
+                f"{p} {val:.4g}" for p, val in e["quality"].items()) + "." + (
+                "" if e["raw_better"] is None else
+                f" Raw better by more than {t['quality_tolerance']:.0%}: "
+                f"{'yes' if e['raw_better'] else 'no'}."), ""]
   lines += [
-      "", "FID: " + (f"weights `{fid['weights']}`, reference {fid['reference_stats']}; with "
-                     f"{result['num_samples']} samples it is biased upwards, so compare the "
-                     "configurations with each other, not with 50k-sample FIDs."
-                     if fid["weights"] else "not measured (no Inception weights; pass "
-                     "--inception-weights FILE)."),
-      "", "## Definitions and thresholds", "",
+      "## Definitions and thresholds", "",
       "- **saturated**: fraction of channel values equal to 0 or 255. Symptom when above "
       f"{t['saturation_factor']:g}x the data's and above {t['saturation_min']:.0%}.",
       "- **HF fraction**: per image, the share of the grey image's spectral power (mean "
@@ -704,9 +1070,23 @@ def render_markdown(result: dict) -> str:
       f"above {t['hf_ratio_min']:g}x the data's.",
       "- **levels**: distinct values per image and channel, averaged. Symptom **posterized** "
       f"when below {t['levels_factor']:g}x the data's.",
-      "- A configuration **reproduces the seeds' symptoms** when it shows all three.", "",
+      "- **worse than the reference** (same parameters, same x_T): the yardstick above "
+      f"{t['worse_factor']:g}x the reference's, or saturated above both "
+      f"{t['saturation_factor']:g}x the reference's and the reference's + "
+      f"{t['saturation_min']:.0%}.",
+      f"- **{VERDICT_STRIDE}**: one of the run's samplers is worse than the reference and "
+      "strides the original betas (respacing=\"none\").",
+      f"- **{VERDICT_EMA}**: more than {t['ema_init_weight_max']:.0%} of the EMA is the "
+      "initialisation and the raw parameters' reference yardstick is lower by more than "
+      f"{t['quality_tolerance']:.0%}.",
+      f"- **under-trained**: none of the above, and the last quality value is lower than the "
+      f"one before by more than {t['quality_tolerance']:.0%}; the text is \""
+      f"{VERDICT_UNDERTRAINED}\" when every correctly respaced sampler shows a symptom "
+      "against the data, else it names the ones that do not.",
+      f"- **{VERDICT_NONE}**: none of the above.", "",
       "## Figures", "", f"![side by side]({result['figure']})", ""]
-  lines += [f"- {r['label']}: [{r['grid']}]({r['grid']})" for r in result["configurations"]]
+  lines += [f"- {r['label']} [{r['params']}]: [{r['grid']}]({r['grid']})"
+            for r in result["configurations"]]
   lines += [f"- data: [{result['data']['grid']}]({result['data']['grid']})", ""]
   if result["warnings"]:
     lines += ["## Notes", ""] + [f"- {w}" for w in result["warnings"]] + [""]
@@ -714,13 +1094,15 @@ def render_markdown(result: dict) -> str:
 
 
 def summary_lines(result: dict) -> list[str]:
-  """What the CLI prints: one line per configuration and the answer."""
+  """What the CLI prints: one line per configuration and the verdict."""
   lines = []
   for r in result["configurations"]:
-    fid = f", FID {r['fid']:.1f}" if r["fid"] is not None else ""
-    lines.append(f"{r['label']}: saturated {r['stats']['saturated']:.1%}, HF x"
-                 f"{_num(r['relative']['hf_ratio'])}, levels x"
-                 f"{_num(r['relative']['levels_ratio'])}{fid}; symptoms: "
+    vs = r["vs_reference"]
+    against = ("reference" if vs is None else
+               f"x{_num(vs['quality_ratio'])} the reference{' (WORSE)' if vs['worse'] else ''}")
+    lines.append(f"{r['label']} [{r['params']}]: {r['quality_name']} {_num(r['quality'])} "
+                 f"({against}), saturated {r['stats']['saturated']:.1%}, HF x"
+                 f"{_num(r['relative']['hf_ratio'])} the data; symptoms: "
                  f"{', '.join(r['symptoms']) or 'none'}")
-  lines.append(f"is it the sampler? {result['verdict']['answer']}")
+  lines.append(f"verdict: {result['verdict']['answer']}")
   return lines

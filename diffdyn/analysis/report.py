@@ -15,9 +15,12 @@ from diffdyn.analysis import plots
 from diffdyn.analysis import roles
 from diffdyn.analysis import runs as runs_lib
 from diffdyn.analysis import stats
+from diffdyn.analysis import yardsticks
 
 REPORT_FILE = "report.md"
 CRITERIA_FILE = "criteria.json"
+# The report points out milestones where more than this much of the EMA is still the init.
+INIT_WEIGHT_NOTE = 0.05
 # Keys whose step grids matter to a criterion or figure.
 _ALIGNED_KEYS = (plots.LOSS, criteria.CURVATURE, criteria.REF_CURVATURE, criteria.MILESTONE_FID)
 
@@ -92,6 +95,8 @@ def _final_fid(run: runs_lib.Run) -> float | None:
 
 def _run_summary(run: runs_lib.Run, group: runs_lib.Group) -> dict:
   best = criteria.guarded(criteria.best_fid, run)
+  bias = criteria.guarded(criteria.fid_bias, run)
+  found = best.get("verdict") != criteria.SKIPPED
   wall = run.series(runs_lib.WALL_TIME)[1] if run.has(runs_lib.WALL_TIME) else np.array([])
   return dict(
       name=run.name, label=run.label, path=str(run.path), seed=run.seed, group=group.name,
@@ -100,8 +105,11 @@ def _run_summary(run: runs_lib.Run, group: runs_lib.Group) -> dict:
       total_steps=run.total_steps, last_step=run.last_step,
       wall_time_s=float(np.nanmax(wall)) if wall.size else None,
       final_fid=_final_fid(run),
-      best_fid=None if best.get("verdict") == criteria.SKIPPED else best["best_fid"],
-      best_fid_step=None if best.get("verdict") == criteria.SKIPPED else best["step"],
+      best_fid=best["best_fid"] if found else None,
+      best_fid_step=best["step"] if found else None,
+      best_fid_evaluations=best["num_evaluations"] if found else None,
+      fid_bias=(None if bias.get("verdict") == criteria.SKIPPED
+                else bias["bias_at_milestone_samples"]),
       keys=sorted(run.metrics), warnings=list(run.warnings))
 
 
@@ -113,16 +121,37 @@ def _duration(seconds: float | None) -> str:
 
 def _runs_lines(summaries: Sequence[dict]) -> list[str]:
   lines = ["## Runs", "",
+           "Best FID: the lowest milestone FID (one sample size), its step and the number of "
+           "milestones it is the minimum of. FID bias: how far the milestone FIDs sit above "
+           "FID at infinitely many samples, estimated at the last step (see E7 and the "
+           "\"Why\" section).", "",
            "| run | directory | group | weighting | base ch. | total steps | last step | "
-           "wall time | final FID | best FID (step) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "wall time | final FID | best FID (step, of n) | FID bias |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for s in summaries:
-    best = ("n/a" if s["best_fid"] is None
-            else f"{markdown.num(s['best_fid'])} ({s['best_fid_step']})")
+    best = ("n/a" if s["best_fid"] is None else f"{markdown.num(s['best_fid'])} "
+            f"({s['best_fid_step']}, of {s['best_fid_evaluations']})")
     lines.append(f"| {s['label']} | `{s['path']}` | {s['group']} | {s['weighting']} | "
                  f"{s['base_channels']} | {s['total_steps']} | {s['last_step']} | "
-                 f"{_duration(s['wall_time_s'])} | {markdown.num(s['final_fid'])} | {best} |")
+                 f"{_duration(s['wall_time_s'])} | {markdown.num(s['final_fid'])} | {best} | "
+                 f"{markdown.num(s['fid_bias'])} |")
   return lines + [""]
+
+
+def fid_context(group: runs_lib.Group) -> dict:
+  """The numbers of the "Why is FID ~ 200?" section for one replicate group."""
+  first = group.runs[0]
+  decay, warmup = yardsticks.ema_settings(group.config)
+  steps = yardsticks.milestone_steps(first, criteria.MILESTONE_FID)
+  return dict(
+      group=group.name, runs=[run.label for run in group.runs],
+      budget=yardsticks.training_budget(group.config, max(r.last_step for r in group.runs)),
+      ema=dict(decay=decay, warmup=warmup, steps=steps,
+               logged=first.has(criteria.MILESTONE_FID),
+               init_weight=yardsticks.ema_init_weight(steps, decay, warmup).tolist()),
+      bias=[criteria.guarded(criteria.fid_bias, run) for run in group.runs],
+      weighting=yardsticks.weighting_effect(group.config),
+      final_alpha_bar=yardsticks.final_alpha_bar(group.config))
 
 
 def _groups_lines(groups: Sequence[runs_lib.Group]) -> list[str]:
@@ -180,14 +209,24 @@ def _skipped_reasons(results: dict) -> list[str]:
   return found
 
 
+def _options_lines(options: criteria.Options) -> list[str]:
+  return [
+      f"Confidence level {options.confidence:.0%} (tests at alpha = {options.alpha:.3g}). "
+      f"Windows: late {markdown.window(options.late_window)}, spikes "
+      f"{markdown.window(options.spike_window)}. Detrended spikes: k = "
+      f"{markdown.num(options.spike_k)} noise SDs above a rolling median over "
+      f"{options.spike_median_window} logged points (--spike-k, --spike-median-window). "
+      f"Seeds' literal spike line: {markdown.num(options.spike_factor)} x the baseline "
+      f"median. Every number below is also in `{CRITERIA_FILE}`.", ""]
+
+
 def render_report(summaries: Sequence[dict], groups: Sequence[runs_lib.Group], results: dict,
                   figures: Sequence[str], notes: Sequence[str], options: criteria.Options,
-                  command: str | None) -> str:
+                  command: str | None, contexts: Sequence[dict] = ()) -> str:
   lines = ["# diffdyn analysis report", ""]
   if command:
     lines += [f"Generated by `{command}`.", ""]
-  lines += [f"Confidence level {options.confidence:.0%}. Every number below is also in "
-            f"`{CRITERIA_FILE}`.", ""]
+  lines += _options_lines(options)
   lines += _runs_lines(summaries) + _groups_lines(groups)
   lines += ["# Criteria", ""]
   e6 = results["e6_vs_e5"]
@@ -201,6 +240,7 @@ def render_report(summaries: Sequence[dict], groups: Sequence[runs_lib.Group], r
   else:
     lines += markdown.e7_lines(e7, e7["roles"])
   lines += markdown.association_lines(results["curvature_fid_association"])
+  lines += markdown.why_lines(contexts, INIT_WEIGHT_NOTE)
   lines += ["# Figures", ""]
   lines += [f"![{_FIGURE_TITLES[name]}]({name})\n" for name in figures]
   skipped = _skipped_reasons(results)
@@ -226,13 +266,14 @@ def write_report(runs: Sequence[runs_lib.Run], out_dir: str | pathlib.Path,
   summaries = [_run_summary(run, group_of[id(run)]) for run in runs]
   warnings = [w for run in runs for w in run.warnings]
   notes = runs_lib.grouping_notes(groups) + step_grid_notes(runs) + warnings
-  text = render_report(summaries, groups, results, figures, notes, options, command)
+  contexts = [fid_context(g) for g in groups]
+  text = render_report(summaries, groups, results, figures, notes, options, command, contexts)
   report_path = out_dir / REPORT_FILE
   report_path.write_text(text, encoding="utf-8")
   payload = dict(options=dataclasses.asdict(options), runs=summaries,
                  groups=[dict(name=g.name, runs=[str(r.path) for r in g.runs], seeds=g.seeds)
                          for g in groups],
-                 criteria=results, figures=figures, notes=notes,
+                 criteria=results, fid_context=contexts, figures=figures, notes=notes,
                  skipped=_skipped_reasons(results))
   with open(out_dir / CRITERIA_FILE, "w", encoding="utf-8") as f:
     json.dump(to_jsonable(payload), f, indent=2, allow_nan=False)

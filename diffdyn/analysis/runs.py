@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from diffdyn import errors
+from diffdyn.configs import default as default_config
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -104,6 +105,15 @@ def config_get(config: dict, dotted: str, default: Any = None) -> Any:
       return default
     node = node[part]
   return node
+
+
+def config_value(config: dict, dotted: str) -> Any:
+  """config.json's value, else the default config's: a run from before a key existed ran
+  with what is now its default."""
+  value = config_get(config, dotted)
+  if value is None:
+    value = config_get(default_config.get_config().to_dict(), dotted)
+  return value
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:

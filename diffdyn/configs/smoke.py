@@ -24,6 +24,10 @@ def smoke_size(config):
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.diffusion.num_timesteps = 100
+  # DDPM's 1e-4 ... 0.02 scaled by 1000/T, so that 100 steps still end near noise (alpha_bar_T
+  # 2e-5; unscaled it would be 0.36, which config validation refuses).
+  config.diffusion.beta_start = 1e-3
+  config.diffusion.beta_end = 0.2
   config.train.total_steps = 40
   config.train.log_every_steps = 10
   config.train.checkpoint_every_steps = 20
