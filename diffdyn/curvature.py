@@ -547,11 +547,16 @@ def adam_preconditioner(nu: PyTree, count: jax.Array, b1: float, b2: float, eps:
     b1, b2, eps: Adam's hyperparameters.
     learning_rate: lr of the last update (the schedule's value if there is one).
   """
-  correction = 1.0 - jnp.power(b2, jnp.asarray(count, jnp.float32))
-  inv_correction = jnp.where(count > 0, 1.0 / jnp.where(count > 0, correction, 1.0), 0.0)
-  diagonal = jax.tree.map(
-      lambda n: jnp.sqrt(n.astype(jnp.float32) * inv_correction) + eps, nu)
-  return AdamPreconditioner(diagonal, adam_stability_threshold(learning_rate, b1))
+  def corrected(n):
+    dtype = jnp.promote_types(n.dtype, jnp.float32)
+    steps = jnp.asarray(count, dtype)
+    # 1 - b2^count by expm1: the plain difference loses ~1e-5 in float32 at small counts.
+    correction = -jnp.expm1(steps * jnp.log(jnp.asarray(b2, dtype)))
+    inverse = jnp.where(steps > 0, 1.0 / jnp.where(steps > 0, correction, 1.0), 0.0)
+    return jnp.sqrt(n.astype(dtype) * inverse) + eps
+
+  return AdamPreconditioner(jax.tree.map(corrected, nu),
+                            adam_stability_threshold(learning_rate, b1))
 
 
 def adam_stability_threshold(learning_rate: jax.Array | float, b1: float) -> jax.Array:
@@ -739,8 +744,9 @@ def block_traces(leaf_probes: jax.Array, params: PyTree,
         scale-invariant groups g of tr(H_gg) ||w_g||^2, unchanged by scaling any group.
   """
   leaves = jax.tree.leaves(params)
-  if len(leaves) != blocks.num_leaves:
-    raise ValueError(f"blocks describe {blocks.num_leaves} leaves, params have {len(leaves)}")
+  if not len(leaves) == leaf_probes.shape[-1] == blocks.num_leaves:
+    raise ValueError(f"blocks describe {blocks.num_leaves} leaves, params have {len(leaves)} "
+                     f"and the probes {leaf_probes.shape[-1]}")
   out = {}
   # Sums of probes can nearly cancel; TF32 sums would not be float32-accurate.
   with jax.default_matmul_precision("float32"):

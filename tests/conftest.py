@@ -13,6 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes more than ~10 s on a 2-core CPU")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   """One DIFFDYN_CACHE for the session: launched runs reuse each other's compiled programs."""
