@@ -84,6 +84,14 @@ RULES: dict[str, Rule] = {
     "curvature.t_bands": _NON_NEGATIVE,
     "curvature.top_eig_every_steps": _NON_NEGATIVE,
     "curvature.top_eig_iters": _POSITIVE_INT,
+    "curvature.max_memory_gb": _POSITIVE,
+    "curvature.precond_every_steps": _NON_NEGATIVE,
+    "curvature.precond_iters": _POSITIVE_INT,
+    "curvature.density_every_steps": _NON_NEGATIVE,
+    "curvature.density_runs": _POSITIVE_INT,
+    "curvature.density_steps": _POSITIVE_INT,
+    "curvature.density_points": (lambda v: v >= 2, "an integer >= 2"),
+    "curvature.density_broadening": _POSITIVE,
     "eval.fid_every_steps": _POSITIVE_INT,
     "eval.fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
     "eval.final_fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
@@ -181,9 +189,13 @@ def check_consistency(config) -> None:
   for key in ("eval.nfe", "eval.grid_nfe"):
     if _flatten(config)[key] > d.num_timesteps:
       raise UserError(f"config {key} must be <= diffusion.num_timesteps ({d.num_timesteps})")
-  if c.enabled and c.top_eig_every_steps % c.every_steps:
-    raise UserError(f"config curvature.top_eig_every_steps ({c.top_eig_every_steps}) must be a "
-                    f"multiple of curvature.every_steps ({c.every_steps})")
+  for key in ("top_eig_every_steps", "precond_every_steps", "density_every_steps"):
+    if c.enabled and c[key] % c.every_steps:
+      raise UserError(f"config curvature.{key} ({c[key]}) must be a multiple of "
+                      f"curvature.every_steps ({c.every_steps})")
+  if c.enabled and (c.blocks or c.ggn) and c.estimator != "hutchinson":
+    raise UserError("config curvature.blocks and curvature.ggn need "
+                    f"curvature.estimator='hutchinson', got {c.estimator!r}")
   if c.t_bands > c.batch_size:
     raise UserError(f"config curvature.t_bands ({c.t_bands}) must be <= curvature.batch_size "
                     f"({c.batch_size}) so that every band holds a probe example")

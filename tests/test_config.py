@@ -46,6 +46,8 @@ BAD = [
     ("model.dropout", 1.5, ["model.dropout", "[0, 1)"]),
     ("train.learning_rate", float("nan"), ["train.learning_rate", "finite"]),
     ("curvature.enabled", 1, ["curvature.enabled", "bool"]),
+    ("curvature.max_memory_gb", 0.0, ["curvature.max_memory_gb", "> 0"]),
+    ("curvature.density_points", 1, ["curvature.density_points", ">= 2"]),
 ]
 
 
@@ -86,4 +88,15 @@ def test_inconsistent_values_are_caught():
   config = base.get_config()
   config.model.image_size = 30
   with pytest.raises(UserError, match="image_size"):
+    config_lib.validate(config)
+  config = base.get_config()
+  config.curvature.enabled = True
+  config.curvature.density_every_steps = 150
+  with pytest.raises(UserError, match="density_every_steps.*multiple"):
+    config_lib.validate(config)
+  config = base.get_config()
+  config.curvature.enabled = True
+  config.curvature.estimator = "hutch++"
+  config.curvature.ggn = True
+  with pytest.raises(UserError, match="ggn.*hutchinson"):
     config_lib.validate(config)

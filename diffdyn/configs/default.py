@@ -78,10 +78,20 @@ def get_config() -> ml_collections.ConfigDict:
       batch="fixed",           # "fixed" | "current"
       batch_size=32,
       objective="train",       # "train" | "reference" | "both"
-      chunk_size=0,            # probes per vmapped chunk; 0 = all at once
+      chunk_size=0,            # probes per vmapped chunk; 0 = as many as fit max_memory_gb
+      max_memory_gb=12.0,      # chunk_size=0's budget, against XLA's plan (T4: 75% of 16 GB)
       t_bands=0,               # > 0: also the trace restricted to that many equal t-bands
       top_eig_every_steps=0,   # 0 = off; a multiple of every_steps
       top_eig_iters=20,
+      blocks=False,            # per-block traces (UNet stage, kind), norms, normalised, tr/P
+      ggn=False,               # Gauss-Newton trace on the same probes (one JVP each)
+      precond_every_steps=0,   # Adam's lambda_max(P^-1 H); 0 = off; a multiple of every_steps
+      precond_iters=20,
+      density_every_steps=0,   # SLQ spectral density to curvature_density/; 0 = off; ditto
+      density_runs=4,
+      density_steps=30,
+      density_points=512,
+      density_broadening=0.01,  # Gaussian width as a fraction of the Ritz values' spread
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
