@@ -1,7 +1,10 @@
 """Curvature of a loss: Hessian-vector products, stochastic trace estimates, top eigenvalues.
 
 Every estimator here touches the Hessian H only through Hessian-vector products
-(forward-over-reverse differentiation), so parameters can be any pytree of any size.
+(forward-over-reverse differentiation), so parameters can be any pytree of any size. Beside
+the trace: per-block traces from the same probes, the Gauss-Newton trace of an MSE (one JVP
+per probe), the spectral density by stochastic Lanczos quadrature, Adam's preconditioned
+sharpness, and a chunk size planned from XLA's memory analysis of the compiled program.
 
 Conventions shared by the whole module:
   * `loss_fn(params)` is deterministic. Each measurement must see one fixed matrix: the batch,
@@ -155,20 +158,13 @@ def _probe_keys(rng: jax.Array, num_probes: int) -> jax.Array:
 
 
 def _hutchinson_probes(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int,
-                       chunk_size: int | None,
-                       ggn_forms: Callable[[PyTree], jax.Array] | None = None) -> tuple:
-  """Per-probe forms of a (m,)-valued loss on shared Rademacher probes v.
-
-  Returns:
-    (leaf_forms, sq_norms[, ggn]): v^l . (H_j v)^l per leaf, (num_probes, m, L); ||H_j v||^2,
-    (num_probes, m); and ggn_forms(v), (num_probes, m'), when `ggn_forms` is given, so the
-    Gauss-Newton and Hessian probes of one measurement are the same vectors.
-  """
+                       chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
+  """Per-probe v^l . (H_j v)^l per leaf, (num_probes, m, L), and ||H_j v||^2, (num_probes, m),
+  for a (m,)-valued loss."""
   def one_probe(key):
     v = _rademacher_like(key, params)
     hv = _stacked_hvp(loss_fn, params, v)
-    out = (_leaf_quadratic_forms(hv, v), _squared_norms(hv))
-    return out if ggn_forms is None else out + (ggn_forms(v),)
+    return _leaf_quadratic_forms(hv, v), _squared_norms(hv)
   return _map_over_probes(one_probe, _probe_keys(rng, num_probes), chunk_size)
 
 
@@ -628,12 +624,18 @@ def unet_module_stages(num_levels: int, num_res_blocks: int,
   """
   levels = range(num_levels)
   attention = set(attention_levels)
-  down = [f"down{l}" for l in levels for _ in range(num_res_blocks)]
-  up = [f"up{l}" for l in reversed(levels) for _ in range(num_res_blocks + 1)]
+  down = [("down", l) for l in levels for _ in range(num_res_blocks)]
+  up = [("up", l) for l in reversed(levels) for _ in range(num_res_blocks + 1)]
+
+  def names(blocks):
+    return [f"{path}{l}" for path, l in blocks]
+
+  def attended(blocks):
+    return names((path, l) for path, l in blocks if l in attention)
+
   return {
-      "ResnetBlock": down + ["mid", "mid"] + up,
-      "AttnBlock": ([s for s in down if int(s[4:]) in attention] + ["mid"]
-                    + [s for s in up if int(s[2:]) in attention]),
+      "ResnetBlock": names(down) + ["mid", "mid"] + names(up),
+      "AttnBlock": attended(down) + ["mid"] + attended(up),
       "Downsample": [f"down{l}" for l in levels[:-1]],
       "Upsample": [f"up{l}" for l in reversed(levels[1:])],
   }
@@ -721,8 +723,11 @@ def unet_param_blocks(params: PyTree, num_levels: int, num_res_blocks: int,
 
 
 def unet_attention_levels(image_size: int, num_levels: int, attn_resolutions) -> list[int]:
-  """Levels whose feature maps (image_size // 2**l, as the UNet's stride-2 convs give for
-  even sizes) have a resolution listed in attn_resolutions."""
+  """The levels l whose feature maps, image_size // 2**l wide, have attention.
+
+  The UNet's stride-2 convolutions halve even sizes exactly; the config requires image_size
+  to be divisible by 2**(num_levels - 1).
+  """
   return [l for l in range(num_levels) if image_size // 2 ** l in set(attn_resolutions)]
 
 
