@@ -95,6 +95,14 @@ RULES: dict[str, Rule] = {
     "curvature.t_bands": _NON_NEGATIVE,
     "curvature.top_eig_every_steps": _NON_NEGATIVE,
     "curvature.top_eig_iters": _POSITIVE_INT,
+    "curvature.max_memory_gb": _POSITIVE,
+    "curvature.precond_every_steps": _NON_NEGATIVE,
+    "curvature.precond_iters": _POSITIVE_INT,
+    "curvature.density_every_steps": _NON_NEGATIVE,
+    "curvature.density_runs": _POSITIVE_INT,
+    "curvature.density_steps": _POSITIVE_INT,
+    "curvature.density_points": (lambda v: v >= 2, "an integer >= 2"),
+    "curvature.density_broadening": _POSITIVE,
     "eval.fid_every_steps": _POSITIVE_INT,
     "eval.fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
     "eval.final_fid_num_samples": (lambda v: v >= 2, "an integer >= 2"),
@@ -216,9 +224,13 @@ def check_consistency(config) -> None:
   for key in ("eval.nfe", "eval.grid_nfe"):
     if _flatten(config)[key] > d.num_timesteps:
       raise UserError(f"config {key} must be <= diffusion.num_timesteps ({d.num_timesteps})")
-  if c.enabled and c.top_eig_every_steps % c.every_steps:
-    raise UserError(f"config curvature.top_eig_every_steps ({c.top_eig_every_steps}) must be a "
-                    f"multiple of curvature.every_steps ({c.every_steps})")
+  for key in ("top_eig_every_steps", "precond_every_steps", "density_every_steps"):
+    if c.enabled and c[key] % c.every_steps:
+      raise UserError(f"config curvature.{key} ({c[key]}) must be a multiple of "
+                      f"curvature.every_steps ({c.every_steps})")
+  if c.enabled and (c.blocks or c.ggn) and c.estimator != "hutchinson":
+    raise UserError("config curvature.blocks and curvature.ggn need "
+                    f"curvature.estimator='hutchinson', got {c.estimator!r}")
   if c.enabled and c.estimator == "hutch++" and c.num_probes < 3:
     raise UserError(f"config curvature.num_probes ({c.num_probes}) must be >= 3 for "
                     "curvature.estimator 'hutch++' (a sketch, its basis and a residual probe)")

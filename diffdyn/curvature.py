@@ -1,7 +1,10 @@
 """Curvature of a loss: Hessian-vector products, stochastic trace estimates, top eigenvalues.
 
 Every estimator here touches the Hessian H only through Hessian-vector products
-(forward-over-reverse differentiation), so parameters can be any pytree of any size.
+(forward-over-reverse differentiation), so parameters can be any pytree of any size. Beside
+the trace: per-block traces from the same probes, the Gauss-Newton trace of an MSE (one JVP
+per probe), the spectral density by stochastic Lanczos quadrature, Adam's preconditioned
+sharpness, and a chunk size planned from XLA's memory analysis of the compiled program.
 
 Conventions shared by the whole module:
   * `loss_fn(params)` is deterministic. Each measurement must see one fixed matrix: the batch,
@@ -19,8 +22,9 @@ Conventions shared by the whole module:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 from jax.flatten_util import ravel_pytree
@@ -72,15 +76,59 @@ def _rademacher_like(rng: jax.Array, tree: PyTree) -> PyTree:
   return unravel(jax.random.rademacher(rng, flat.shape, flat.dtype))
 
 
-def _quadratic_forms(hv: PyTree, v: PyTree) -> jax.Array:
-  """v . (H_j v) for each j, from stacked products `hv` (leaves (m, ...)) -> (m,)."""
-  return sum(jnp.tensordot(h, x, axes=x.ndim)
-             for h, x in zip(jax.tree.leaves(hv), jax.tree.leaves(v)))
+def _leaf_quadratic_forms(hv: PyTree, v: PyTree) -> jax.Array:
+  """v^l . (H_j v)^l for each objective j and leaf l, from stacked products `hv` -> (m, L).
+
+  Summed over the leaves of a block they give that block's Hutchinson probe, whose mean is
+  the trace of the block's diagonal sub-matrix of H: per-block traces at no extra matvec.
+  """
+  return jnp.stack([jnp.tensordot(h, x, axes=x.ndim)
+                    for h, x in zip(jax.tree.leaves(hv), jax.tree.leaves(v))], axis=-1)
 
 
 def _squared_norms(hv: PyTree) -> jax.Array:
   """||H_j v||^2 for each j, from stacked products `hv` -> (m,)."""
   return sum(jnp.square(h).reshape(h.shape[0], -1).sum(axis=1) for h in jax.tree.leaves(hv))
+
+
+def _ggn_quadratic_forms(residual_fn: Callable, params: PyTree, v: PyTree,
+                         weights: jax.Array) -> jax.Array:
+  """v^T G_j v for the Gauss-Newton matrices of the objectives sum_i weights[j, i] mse_i.
+
+  With r_i = residual_fn(params)[i] of D entries and mse_i = ||r_i||^2 / D, the Hessian of
+  mse_i is (2 / D) (J_i^T J_i + sum_d r_id grad^2 r_id); G keeps the first term, so
+  v^T G_j v = sum_i weights[j, i] (2 / D) ||J_i v||^2: one forward-mode pass for all j, and
+  PSD whenever the weights are >= 0.
+
+  Args:
+    residual_fn: params -> (B, ...) residuals (prediction minus target).
+    params, v: pytrees of the same structure.
+    weights: (m, B) objective coefficients.
+
+  Returns:
+    (m,) quadratic forms.
+  """
+  jv = jax.jvp(residual_fn, (params,), (v,))[1]
+  per_example = 2.0 * jnp.mean(jnp.square(jv).reshape(jv.shape[0], -1), axis=1)
+  return weights.astype(per_example.dtype) @ per_example
+
+
+def _flat_hvp_operator(loss_fn: LossFn, params: PyTree,
+                       scale: jax.Array | None = None) -> tuple[Callable, jax.Array]:
+  """(x -> S H S x on flattened parameters, flattened params) with S = diag(scale) or I.
+
+  S H S with S = P^-1/2 is the symmetric form of the preconditioned Hessian P^-1 H: both
+  have the same eigenvalues, and Lanczos needs a symmetric operator.
+  """
+  flat_params, unravel = ravel_pytree(params)
+
+  def matvec(x):
+    if scale is not None:
+      x = scale * x
+    hx = ravel_pytree(hvp(loss_fn, params, unravel(x)))[0]
+    return hx if scale is None else scale * hx
+
+  return matvec, flat_params
 
 
 def _map_over_probes(fn: Callable, xs: Any, chunk_size: int | None) -> Any:
@@ -104,14 +152,26 @@ def _check_estimator(estimator: str, num_probes: int) -> None:
     raise ValueError(f"{estimator} needs num_probes >= {min_probes}, got {num_probes}")
 
 
+def _probe_keys(rng: jax.Array, num_probes: int) -> jax.Array:
+  """The per-probe keys of a Hutchinson estimate: every estimator on `rng` shares them."""
+  return jax.random.split(rng, num_probes)
+
+
 def _hutchinson_probes(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int,
                        chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
-  """Per-probe v^T H_j v and ||H_j v||^2, each (num_probes, m), for a (m,)-valued loss."""
+  """Per-probe v^l . (H_j v)^l per leaf, (num_probes, m, L), and ||H_j v||^2, (num_probes, m),
+  for a (m,)-valued loss."""
   def one_probe(key):
     v = _rademacher_like(key, params)
     hv = _stacked_hvp(loss_fn, params, v)
-    return _quadratic_forms(hv, v), _squared_norms(hv)
-  return _map_over_probes(one_probe, jax.random.split(rng, num_probes), chunk_size)
+    return _leaf_quadratic_forms(hv, v), _squared_norms(hv)
+  return _map_over_probes(one_probe, _probe_keys(rng, num_probes), chunk_size)
+
+
+def _sample_stats(values: jax.Array) -> dict[str, jax.Array]:
+  """mean, std (ddof=1) and stderr of per-probe values over their leading axis."""
+  std = jnp.std(values, axis=0, ddof=1)
+  return dict(mean=jnp.mean(values, axis=0), std=std, stderr=std / math.sqrt(values.shape[0]))
 
 
 def _hutchpp_probes(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int,
@@ -157,7 +217,8 @@ def _hutchpp_probes(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes:
 
 
 def hutchinson(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int = 16,
-               estimator: str = "hutchinson", chunk_size: int | None = None) -> dict:
+               estimator: str = "hutchinson", chunk_size: int | None = None,
+               per_leaf: bool = False) -> dict:
   """Stochastic estimate of the Hessian trace of `loss_fn` at `params`.
 
   Hutchinson: tr(H) ~ mean_i v_i^T H v_i over Rademacher probes v_i (one leaf-shaped draw per
@@ -178,6 +239,7 @@ def hutchinson(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int 
     estimator: "hutchinson" or "hutch++".
     chunk_size: probes vmapped at once (None: all). Bounds memory; results do not depend on it
       beyond float rounding.
+    per_leaf: also return `leaf_probes` (Hutchinson only).
 
   Returns:
     dict with, per objective (a trailing (m,) axis when `loss_fn` is vector-valued):
@@ -191,8 +253,13 @@ def hutchinson(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int 
       tr_h2: estimate of tr(H^2) = ||H||_F^2, the mean of ||H v||^2 over the Hutchinson
         probes or over the Hutch++ sketch vectors. It predicts the Hutchinson probe spread:
         Var(v^T H v) = 2 (tr(H^2) - sum_i H_ii^2).
+      leaf_probes (per_leaf): v_i^l . (H v_i)^l for each leaf l of jax.tree.leaves(params),
+        (num_probes, [m,] L); summing its last axis gives `probes`. Summed over a block of
+        leaves it is an unbiased probe of that block's trace (see `block_traces`).
   """
   _check_estimator(estimator, num_probes)
+  if per_leaf and estimator != "hutchinson":
+    raise ValueError(f"per_leaf needs estimator='hutchinson', got {estimator!r}")
   out_shape = jax.eval_shape(loss_fn, params).shape
   if len(out_shape) > 1:
     raise ValueError(f"loss_fn must return a scalar or a vector, got shape {out_shape}")
@@ -200,7 +267,9 @@ def hutchinson(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int 
 
   with jax.default_matmul_precision("float32"):
     if estimator == "hutchinson":
-      values, sq_norms = _hutchinson_probes(vector_loss, params, rng, num_probes, chunk_size)
+      leaf_values, sq_norms = _hutchinson_probes(vector_loss, params, rng, num_probes,
+                                                 chunk_size)
+      values = leaf_values.sum(axis=-1)
     else:
       per_objective = [
           _hutchpp_probes(lambda p, j=j: vector_loss(p)[j], params, rng, num_probes, chunk_size)
@@ -208,12 +277,51 @@ def hutchinson(loss_fn: LossFn, params: PyTree, rng: jax.Array, num_probes: int 
       values = jnp.stack([v for v, _ in per_objective], axis=1)
       sq_norms = jnp.stack([s for _, s in per_objective], axis=1)
 
-  std = jnp.std(values, axis=0, ddof=1)
-  stats = dict(mean=jnp.mean(values, axis=0), std=std, stderr=std / math.sqrt(values.shape[0]),
-               probes=values, tr_h2=jnp.mean(sq_norms, axis=0))
+  stats = dict(_sample_stats(values), probes=values, tr_h2=jnp.mean(sq_norms, axis=0))
   if not out_shape:
     stats = {name: x[..., 0] for name, x in stats.items()}
+  if per_leaf:
+    stats["leaf_probes"] = leaf_values if out_shape else leaf_values[:, 0]
   return stats
+
+
+def gauss_newton_trace(residual_fn: Callable[[PyTree], jax.Array], params: PyTree,
+                       rng: jax.Array, num_probes: int = 16, weights: jax.Array | None = None,
+                       chunk_size: int | None = None) -> dict:
+  """Hutchinson estimate of the Gauss-Newton trace tr(J^T W J) of a (weighted) MSE.
+
+  The objective is sum_i w_i mse_i with mse_i = mean_d r_id^2, r = residual_fn(params) of
+  shape (B, ...) (prediction minus target; the target does not depend on params). Its
+  Hessian is G + sum_i w_i (2 / D) sum_d r_id grad^2 r_id, with G = J^T W J, W = diag(2 w_i / D)
+  over the B D residual entries: PSD for w >= 0, and equal to the Hessian where the model is
+  linear in params or the residuals vanish. Each probe costs one JVP: v^T G v = ||W^1/2 J v||^2.
+  With the same `rng` as `hutchinson` the probe vectors are the same, so H - G is estimated
+  with common random numbers.
+
+  Args:
+    residual_fn: params -> (B, ...) residuals; deterministic.
+    params: any pytree of floating arrays.
+    rng: PRNG key; fixes every probe vector.
+    num_probes: Hutchinson probes.
+    weights: (B,) or (m, B) per-example coefficients w_i (m objectives); None is 1/B, the
+      mean-reduced MSE mean_i mse_i.
+    chunk_size: probes vmapped at once (None: all).
+
+  Returns:
+    dict(mean, std, stderr, probes (num_probes, [m])), as `hutchinson`.
+  """
+  batch_size = jax.eval_shape(residual_fn, params).shape[0]
+  w = jnp.full((batch_size,), 1.0 / batch_size) if weights is None else jnp.asarray(weights)
+  rows = w if w.ndim == 2 else w[None]
+
+  def one_probe(key):
+    return _ggn_quadratic_forms(residual_fn, params, _rademacher_like(key, params), rows)
+
+  with jax.default_matmul_precision("float32"):
+    values = _map_over_probes(one_probe, _probe_keys(rng, num_probes), chunk_size)
+  if w.ndim == 1:
+    values = values[:, 0]
+  return dict(_sample_stats(values), probes=values)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,55 +343,75 @@ def _unit_or_zero(x: jax.Array) -> jax.Array:
   return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1), jnp.zeros_like(x))
 
 
-def lanczos_ritz_values(loss_fn: LossFn, params: PyTree, rng: jax.Array,
-                        num_iters: int = 20) -> jax.Array:
-  """Ritz values (ascending) of the Hessian from `num_iters` Lanczos steps.
+def _lanczos_tridiagonal(matvec: Callable, start: jax.Array, restart_rng: jax.Array,
+                         num_iters: int) -> jax.Array:
+  """The (num_iters, num_iters) Lanczos tridiagonal matrix of a symmetric `matvec`.
+
+  Starts from the unit vector `start`, so for the eigendecomposition T = U diag(theta) U^T,
+  sum_k U_0k^2 f(theta_k) is the Gauss quadrature of start^T f(A) start, exact for
+  polynomials f of degree <= 2 num_iters - 1.
 
   Full reorthogonalisation against every previous Lanczos vector keeps the basis orthonormal,
-  so no spurious copies of converged eigenvalues appear; it stores (num_iters + 1) flattened
-  parameter vectors. When the Krylov space becomes invariant (H has few distinct eigenvalues
-  along the start vector) the recurrence restarts from a fresh random vector orthogonal to the
-  basis, so the tridiagonal matrix splits into blocks and every Ritz value stays a true
-  Rayleigh quotient of H. `num_iters` is capped at the number of parameters.
-
-  The extremal Ritz values converge first: the largest from below, the smallest from above.
-  A repeated eigenvalue shows up once (Lanczos sees one copy per Krylov block).
+  so no spurious copies of converged eigenvalues appear; it stores (num_iters + 1) vectors.
+  When the Krylov space becomes invariant (A has few distinct eigenvalues along the start
+  vector) the recurrence restarts from a fresh random vector orthogonal to the basis, so T
+  splits into blocks and every Ritz value stays a true Rayleigh quotient of A; the later
+  blocks get zero quadrature weight, which is right: `start` has no component there.
   """
-  flat_params, unravel = ravel_pytree(params)
-  dim = flat_params.shape[0]
-  num_iters = min(num_iters, dim)
-  dtype = flat_params.dtype
+  dim = start.shape[0]
+  dtype = start.dtype
   tiny = jnp.finfo(dtype).eps
-
-  def flat_hvp(x):
-    return ravel_pytree(hvp(loss_fn, params, unravel(x)))[0]
-
-  def random_unit(key, basis):
-    return _unit_or_zero(_orthogonalize(jax.random.normal(key, (dim,), dtype), basis))
 
   def step(j, carry):
     basis, alphas, betas = carry
     v = basis[j]
-    w = flat_hvp(v)
+    w = matvec(v)
     alpha = jnp.vdot(v, w)
     w_norm = jnp.linalg.norm(w)
     w = _orthogonalize(w, basis)
     beta = jnp.linalg.norm(w)
     invariant = beta <= tiny * w_norm
-    next_v = jnp.where(invariant, random_unit(jax.random.fold_in(restart_rng, j), basis),
+    next_v = jnp.where(invariant, _random_unit(jax.random.fold_in(restart_rng, j), basis),
                        _unit_or_zero(w))
     return (basis.at[j + 1].set(next_v), alphas.at[j].set(alpha),
             betas.at[j].set(jnp.where(invariant, 0, beta)))
 
+  basis = jnp.zeros((num_iters + 1, dim), dtype).at[0].set(start)
+  _, alphas, betas = jax.lax.fori_loop(
+      0, num_iters, step, (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype)))
+  off_diagonal = betas[:-1]
+  return jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
+
+
+def _random_unit(key: jax.Array, basis: jax.Array) -> jax.Array:
+  """A Gaussian direction orthogonal to the rows of `basis`, normalised (or zero)."""
+  x = jax.random.normal(key, basis.shape[1:], basis.dtype)
+  return _unit_or_zero(_orthogonalize(x, basis))
+
+
+def _operator_ritz_values(matvec: Callable, dim: int, dtype, rng: jax.Array,
+                          num_iters: int) -> jax.Array:
+  """Ascending Ritz values of `num_iters` Lanczos steps from a random Gaussian start."""
   start_rng, restart_rng = jax.random.split(rng)
+  start = _random_unit(start_rng, jnp.zeros((1, dim), dtype))
+  tridiagonal = _lanczos_tridiagonal(matvec, start, restart_rng, min(num_iters, dim))
+  return jnp.linalg.eigvalsh(tridiagonal)
+
+
+def lanczos_ritz_values(loss_fn: LossFn, params: PyTree, rng: jax.Array,
+                        num_iters: int = 20) -> jax.Array:
+  """Ritz values (ascending) of the Hessian from `num_iters` Lanczos steps.
+
+  Full reorthogonalisation and restarts as in `_lanczos_tridiagonal`; `num_iters` is capped
+  at the number of parameters.
+
+  The extremal Ritz values converge first: the largest from below, the smallest from above.
+  A repeated eigenvalue shows up once (Lanczos sees one copy per Krylov block).
+  """
   with jax.default_matmul_precision("float32"):
-    basis = jnp.zeros((num_iters + 1, dim), dtype)
-    basis = basis.at[0].set(random_unit(start_rng, basis))
-    _, alphas, betas = jax.lax.fori_loop(
-        0, num_iters, step, (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype)))
-    off_diagonal = betas[:-1]
-    tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-    return jnp.linalg.eigvalsh(tridiagonal)
+    matvec, flat_params = _flat_hvp_operator(loss_fn, params)
+    return _operator_ritz_values(matvec, flat_params.shape[0], flat_params.dtype, rng,
+                                 num_iters)
 
 
 def top_eigenvalue(loss_fn: LossFn, params: PyTree, rng: jax.Array,
@@ -308,6 +436,410 @@ def top_k_eigenvalues(loss_fn: LossFn, params: PyTree, rng: jax.Array, k: int,
   if k > ritz.shape[0]:
     raise ValueError(f"k={k} exceeds the {ritz.shape[0]} Ritz values of {num_iters} Lanczos steps")
   return ritz[::-1][:k]
+
+
+# ---------------------------------------------------------------------------------------
+# Spectral density by stochastic Lanczos quadrature.
+# ---------------------------------------------------------------------------------------
+def stochastic_lanczos_quadrature(loss_fn: LossFn, params: PyTree, rng: jax.Array,
+                                  num_runs: int = 4,
+                                  num_steps: int = 30) -> tuple[jax.Array, jax.Array]:
+  """Nodes and weights of the Hessian's spectral density by stochastic Lanczos quadrature.
+
+  Each run starts Lanczos from a normalised Rademacher vector v (so ||v||^2 = P exactly) and
+  turns its tridiagonal matrix T = U diag(theta) U^T into the Gauss quadrature
+  sum_k U_0k^2 f(theta_k) = v^T f(H) v / P for polynomials f of degree <= 2 num_steps - 1.
+  Averaged over runs, it is a Hutchinson estimate of tr f(H) / P: the density
+  phi(l) = (1 / (R P)) sum_i delta(l - lambda_i) seen through m-point quadratures. The runs
+  follow one another (each holds num_steps + 1 flattened parameter vectors).
+
+  Args:
+    loss_fn: params -> scalar; deterministic.
+    params: any pytree of floating arrays.
+    rng: PRNG key; fixes every start vector.
+    num_runs: R, independent start vectors.
+    num_steps: m, Lanczos steps per run (capped at the number of parameters).
+
+  Returns:
+    (nodes, weights), each (num_runs, m): the Ritz values of each run, ascending, and their
+    quadrature weights; each run's weights sum to 1.
+  """
+  with jax.default_matmul_precision("float32"):
+    matvec, flat_params = _flat_hvp_operator(loss_fn, params)
+    dim, dtype = flat_params.shape[0], flat_params.dtype
+    num_steps = min(num_steps, dim)
+
+    def one_run(key):
+      start_rng, restart_rng = jax.random.split(key)
+      start = jax.random.rademacher(start_rng, (dim,), dtype) / math.sqrt(dim)
+      nodes, vectors = jnp.linalg.eigh(_lanczos_tridiagonal(matvec, start, restart_rng,
+                                                            num_steps))
+      return nodes, jnp.square(vectors[0])
+
+    return jax.lax.map(one_run, jax.random.split(rng, num_runs))
+
+
+def density_grid(nodes: jax.Array, num_points: int = 512,
+                 broadening: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """An eigenvalue grid for `spectral_density` and the Gaussian width sigma to use on it.
+
+  sigma = broadening * (max - min node), and the grid spans the nodes with 5 sigma to spare
+  on each side, so it holds all but ~6e-7 of each Gaussian's mass. The extreme Ritz values
+  lie inside [lambda_min, lambda_max] and converge to them first, so the grid covers the
+  spectrum once they are within 5 sigma. A degenerate spread (all nodes equal) uses
+  max(|node|, 1) in place of the spread.
+  """
+  lo, hi = jnp.min(nodes), jnp.max(nodes)
+  spread = hi - lo
+  spread = jnp.where(spread > 0, spread, jnp.maximum(jnp.abs(hi), 1.0))
+  sigma = broadening * spread
+  return jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points), sigma
+
+
+def spectral_density(nodes: jax.Array, weights: jax.Array, grid: jax.Array,
+                     sigma: jax.Array | float) -> jax.Array:
+  """The Gaussian-broadened density (1/R) sum_r sum_k w_rk N(grid; theta_rk, sigma^2).
+
+  Args:
+    nodes, weights: (R, m) from `stochastic_lanczos_quadrature`.
+    grid: (G,) eigenvalues.
+    sigma: the Gaussian width (> 0).
+
+  Returns:
+    (G,) density values; it integrates to 1 over the real line. Its mean is that of the
+    nodes, its variance theirs plus sigma^2.
+  """
+  z = (grid[:, None, None] - nodes[None]) / sigma
+  kernel = jnp.exp(-0.5 * jnp.square(z)) / (sigma * math.sqrt(2 * math.pi))
+  return jnp.sum(kernel * weights[None], axis=(1, 2)) / nodes.shape[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Adam's preconditioned sharpness.
+# ---------------------------------------------------------------------------------------
+class AdamPreconditioner(NamedTuple):
+  """Adam's diagonal preconditioner and the stability threshold its sharpness is held to.
+
+  diagonal: pytree like the params, sqrt(v_hat) + eps.
+  threshold: 2 (1 + b1) / ((1 - b1) lr), e.g. 38 / lr for b1 = 0.9.
+  """
+  diagonal: PyTree
+  threshold: jax.Array
+
+
+def adam_preconditioner(nu: PyTree, count: jax.Array, b1: float, b2: float, eps: float,
+                        learning_rate: jax.Array | float) -> AdamPreconditioner:
+  """Adam's preconditioner P = diag(sqrt(v_hat) + eps) from optax's `ScaleByAdamState`.
+
+  Adam steps by -lr m_hat / (sqrt(v_hat) + eps) = -lr P^-1 m_hat. Frozen P makes it heavy-ball
+  momentum with step lr on P^-1 H, stable while lr lambda_max(P^-1 H) < 2 (1 + b1) / (1 - b1)
+  (Cohen et al. 2022, "Adaptive gradient methods at the edge of stability"): lr sits in the
+  threshold, so it is not also folded into P.
+
+  Args:
+    nu: the second-moment pytree (`ScaleByAdamState.nu`, i.e. opt_state[0].nu for optax.adam).
+    count: `ScaleByAdamState.count`, the updates applied; v_hat = nu / (1 - b2^count), the
+      bias correction of the last update. count = 0 (no update yet) gives v_hat = 0.
+    b1, b2, eps: Adam's hyperparameters.
+    learning_rate: lr of the last update (the schedule's value if there is one).
+  """
+  def corrected(n):
+    dtype = jnp.promote_types(n.dtype, jnp.float32)
+    steps = jnp.asarray(count, dtype)
+    # 1 - b2^count by expm1: the plain difference loses ~1e-5 in float32 at small counts.
+    correction = -jnp.expm1(steps * jnp.log(jnp.asarray(b2, dtype)))
+    inverse = jnp.where(steps > 0, 1.0 / jnp.where(steps > 0, correction, 1.0), 0.0)
+    return jnp.sqrt(n.astype(dtype) * inverse) + eps
+
+  return AdamPreconditioner(jax.tree.map(corrected, nu),
+                            adam_stability_threshold(learning_rate, b1))
+
+
+def adam_stability_threshold(learning_rate: jax.Array | float, b1: float) -> jax.Array:
+  """2 (1 + b1) / ((1 - b1) lr): where lambda_max(P^-1 H) equilibrates in full-batch Adam."""
+  return jnp.asarray(2.0 * (1.0 + b1) / (1.0 - b1), jnp.float32) / learning_rate
+
+
+def preconditioned_sharpness(loss_fn: LossFn, params: PyTree, preconditioner: PyTree,
+                             rng: jax.Array, num_iters: int = 20) -> jax.Array:
+  """lambda_max(P^-1 H) for a positive diagonal P (a pytree like params), by Lanczos.
+
+  Runs on the symmetric P^-1/2 H P^-1/2, similar to P^-1 H. Largest algebraic, and a
+  Rayleigh quotient: it approaches the true value from below as num_iters grows.
+  """
+  with jax.default_matmul_precision("float32"):
+    scale = ravel_pytree(jax.tree.map(
+        lambda d, p: jax.lax.rsqrt(d.astype(p.dtype)), preconditioner, params))[0]
+    matvec, flat_params = _flat_hvp_operator(loss_fn, params, scale)
+    return _operator_ritz_values(matvec, flat_params.shape[0], flat_params.dtype, rng,
+                                 num_iters)[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter blocks.
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParamBlocks:
+  """Named sets of parameter leaves, as indices into `jax.tree.leaves(params)`.
+
+  blocks: name -> leaf indices. Names are "<partition>/<block>"; the "stage" and "kind"
+    partitions each hold every leaf exactly once, so their traces add up to the total.
+    The "gn_fed" blocks are unions of scale-invariant groups (not a partition).
+  scale_invariant: gn_fed block name -> its groups, each a set of leaves that only feeds a
+    GroupNorm, so the loss is invariant to scaling the group and the group's curvature
+    scales as 1 / ||w_g||^2.
+  """
+  num_leaves: int
+  blocks: dict[str, tuple[int, ...]]
+  scale_invariant: dict[str, tuple[tuple[int, ...], ...]]
+
+  def membership(self) -> np.ndarray:
+    """(num_blocks, num_leaves) 0/1 matrix, rows in the order of `blocks`."""
+    rows = np.zeros((len(self.blocks), self.num_leaves))
+    for row, leaves in zip(rows, self.blocks.values()):
+      row[list(leaves)] = 1.0
+    return rows
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def _indexed(name: str) -> tuple[str, int]:
+  """"ResnetBlock_3" -> ("ResnetBlock", 3); a name without an index -> (name, -1)."""
+  base, _, index = name.rpartition("_")
+  return (base, int(index)) if base and index.isdigit() else (name, -1)
+
+
+def unet_module_stages(num_levels: int, num_res_blocks: int,
+                       attention_levels) -> dict[str, list[str]]:
+  """The stage of each auto-named UNet submodule, by module type, in creation order.
+
+  Flax numbers a compact module's children of one type in the order they are created:
+  `diffdyn.models.unet.UNet` creates, per down level l, num_res_blocks ResnetBlocks (each
+  followed by an AttnBlock where l is an attention level) and then a Downsample (except at
+  the last level); then mid ResnetBlock, AttnBlock, ResnetBlock; then per up level, from the
+  deepest, num_res_blocks + 1 ResnetBlocks (AttnBlocks likewise) and an Upsample (except at
+  level 0).
+  """
+  levels = range(num_levels)
+  attention = set(attention_levels)
+  down = [("down", l) for l in levels for _ in range(num_res_blocks)]
+  up = [("up", l) for l in reversed(levels) for _ in range(num_res_blocks + 1)]
+
+  def names(blocks):
+    return [f"{path}{l}" for path, l in blocks]
+
+  def attended(blocks):
+    return names((path, l) for path, l in blocks if l in attention)
+
+  return {
+      "ResnetBlock": names(down) + ["mid", "mid"] + names(up),
+      "AttnBlock": attended(down) + ["mid"] + attended(up),
+      "Downsample": [f"down{l}" for l in levels[:-1]],
+      "Upsample": [f"up{l}" for l in reversed(levels[1:])],
+  }
+
+
+def _unet_leaf_kind(module: str, names: list[str]) -> str:
+  """The kind of a leaf inside one of the UNet's top-level submodules."""
+  child = _indexed(names[1])[0]
+  if child == "GroupNorm":
+    return "norm"
+  if module == "ResnetBlock":
+    if names[1] == "Dense_0":
+      return "temb"  # the projection of the time embedding into the block
+    return "conv" if child == "Conv" or names[1] == "nin_shortcut" else "other"
+  if module == "AttnBlock":
+    return "attention" if names[1] in ("q", "k", "v", "proj_out") else "other"
+  if module in ("Downsample", "Upsample"):
+    return "conv" if child == "Conv" else "other"
+  return "other"
+
+
+# Top-level leaves outside the stages: the input conv, the time-embedding MLP, the output head.
+_UNET_TOP_LEVEL = {"Conv_0": ("stem", "conv"), "Dense_0": ("temb", "temb"),
+                   "Dense_1": ("temb", "temb"), "GroupNorm_0": ("head", "head"),
+                   "Conv_1": ("head", "head")}
+
+
+def unet_param_blocks(params: PyTree, num_levels: int, num_res_blocks: int,
+                      attention_levels) -> ParamBlocks:
+  """Blocks of a `diffdyn.models.unet.UNet`'s params, from their Flax names.
+
+  Partitions:
+    stage/<s>: stem (input conv), temb (time-embedding MLP), down<l>, mid, up<l>, head
+      (output GroupNorm and conv); a ResnetBlock's time projection is in its stage.
+    kind/<k>: conv (3x3 convs, 1x1 shortcuts, resampling convs, input conv), attention
+      (q, k, v, proj_out), norm (GroupNorm scale and shift inside blocks), temb (the MLP and
+      every block's projection of it), head (output GroupNorm and conv).
+  A leaf the UNet's naming does not explain goes to stage/other and kind/other.
+  gn_fed/<s>: per stage, each ResnetBlock's first conv and time projection (Conv_0 and
+    Dense_0). Their sum only feeds the block's second GroupNorm, which removes its scale:
+    loss(c w) = loss(w) up to GroupNorm's epsilon, so tr H_ww scales as 1 / c^2 and
+    tr(H_ww) ||w||^2 does not. Every other weight reaches the output through a residual sum
+    as well, and is not scale-invariant.
+
+  Args:
+    params: the UNet's params (or a pytree of their shapes).
+    num_levels: len(channel_mult).
+    num_res_blocks: ResnetBlocks per down level.
+    attention_levels: the levels l with attention, those whose resolution
+      image_size // 2**l is in attn_resolutions.
+
+  Raises:
+    ValueError: the params' counts of ResnetBlocks, AttnBlocks, Downsamples or Upsamples are
+      not those of this architecture.
+  """
+  stages = unet_module_stages(num_levels, num_res_blocks, attention_levels)
+  paths = [_path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for module, expected in stages.items():
+    found = {_indexed(names[0])[1] for names in paths if _indexed(names[0])[0] == module}
+    if found != set(range(len(expected))):
+      raise ValueError(f"params have {len(found)} {module} modules; a UNet with "
+                       f"{num_levels} levels, {num_res_blocks} res blocks and attention at "
+                       f"levels {list(attention_levels)} has {len(expected)}")
+
+  blocks: dict[str, list[int]] = {}
+  groups: dict[str, dict[str, list[int]]] = {}
+  for leaf, names in enumerate(paths):
+    module, index = _indexed(names[0])
+    if names[0] in _UNET_TOP_LEVEL:
+      stage, kind = _UNET_TOP_LEVEL[names[0]]
+    elif module in stages and len(names) > 1:
+      stage, kind = stages[module][index], _unet_leaf_kind(module, names)
+    else:
+      stage, kind = "other", "other"
+    blocks.setdefault(f"stage/{stage}", []).append(leaf)
+    blocks.setdefault(f"kind/{kind}", []).append(leaf)
+    if module == "ResnetBlock" and names[1] in ("Conv_0", "Dense_0"):
+      groups.setdefault(f"gn_fed/{stage}", {}).setdefault(names[0], []).append(leaf)
+  for name, by_module in groups.items():
+    blocks[name] = [leaf for members in by_module.values() for leaf in members]
+  return ParamBlocks(
+      num_leaves=len(paths), blocks={name: tuple(v) for name, v in blocks.items()},
+      scale_invariant={name: tuple(tuple(g) for g in by_module.values())
+                       for name, by_module in groups.items()})
+
+
+def unet_attention_levels(image_size: int, num_levels: int, attn_resolutions) -> list[int]:
+  """The levels l whose feature maps, image_size // 2**l wide, have attention.
+
+  The UNet's stride-2 convolutions halve even sizes exactly; the config requires image_size
+  to be divisible by 2**(num_levels - 1).
+  """
+  return [l for l in range(num_levels) if image_size // 2 ** l in set(attn_resolutions)]
+
+
+def block_traces(leaf_probes: jax.Array, params: PyTree,
+                 blocks: ParamBlocks) -> dict[str, dict[str, jax.Array]]:
+  """Per-block traces, parameter norms and norm-normalised traces from per-leaf probes.
+
+  Args:
+    leaf_probes: (num_probes, L) per-leaf Hutchinson values of one objective (`hutchinson`
+      with per_leaf=True).
+    params: the params measured (their norms normalise the scale-invariant blocks).
+    blocks: the blocks.
+
+  Returns:
+    dict of name -> dict with
+      mean, stderr: the block's trace tr(H_bb), estimated from the probes summed over it.
+      norm: ||w_b||, the block's parameter norm.
+      normalized_mean, normalized_stderr (gn_fed blocks only): sum over the block's
+        scale-invariant groups g of tr(H_gg) ||w_g||^2, unchanged by scaling any group.
+  """
+  leaves = jax.tree.leaves(params)
+  if not len(leaves) == leaf_probes.shape[-1] == blocks.num_leaves:
+    raise ValueError(f"blocks describe {blocks.num_leaves} leaves, params have {len(leaves)} "
+                     f"and the probes {leaf_probes.shape[-1]}")
+  out = {}
+  # Sums of probes can nearly cancel; TF32 sums would not be float32-accurate.
+  with jax.default_matmul_precision("float32"):
+    leaf_sq_norms = jnp.stack([jnp.sum(jnp.square(x)) for x in leaves]).astype(leaf_probes.dtype)
+    membership = jnp.asarray(blocks.membership(), leaf_probes.dtype)
+    block_probes = _sample_stats(leaf_probes @ membership.T)
+    block_sq_norms = membership @ leaf_sq_norms
+    for b, name in enumerate(blocks.blocks):
+      out[name] = dict(mean=block_probes["mean"][b], stderr=block_probes["stderr"][b],
+                       norm=jnp.sqrt(block_sq_norms[b]))
+      if name in blocks.scale_invariant:
+        # Each leaf of group g weighs in with ||w_g||^2: the probe is sum_g (v.Hv)_g ||w_g||^2.
+        weights = jnp.zeros(blocks.num_leaves, leaf_probes.dtype)
+        for group in blocks.scale_invariant[name]:
+          index = jnp.asarray(group)
+          weights = weights.at[index].set(jnp.sum(leaf_sq_norms[index]))
+        normalized = _sample_stats(leaf_probes @ weights)
+        out[name].update(normalized_mean=normalized["mean"],
+                         normalized_stderr=normalized["stderr"])
+  return out
+
+
+# ---------------------------------------------------------------------------------------
+# Memory-planned chunking.
+# ---------------------------------------------------------------------------------------
+class ChunkPlan(NamedTuple):
+  """The largest probe chunk whose compiled program fits a memory budget.
+
+  planned_bytes > the budget means that even chunk_size 1 does not fit.
+  """
+  chunk_size: int
+  planned_bytes: int
+  compiled: Any
+
+
+def planned_bytes(compiled) -> int:
+  """Device memory XLA plans for a compiled program: arguments, outputs and temporaries.
+
+  Outputs that alias (donated) arguments are counted once. Generated code is left out.
+  """
+  stats = compiled.memory_analysis()
+  if stats is None:
+    raise ValueError("this backend gives no memory analysis of compiled programs")
+  return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes
+             + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def plan_chunk_size(build: Callable[[int], Callable], args: tuple, num_probes: int,
+                    max_bytes: float) -> ChunkPlan:
+  """Chooses probes per chunk by compiling candidates, never by running them.
+
+  Candidates are the divisors of num_probes (no ragged last chunk). The planned memory grows
+  with the chunk (tangent memory is linear in the probes mapped at once), so the largest
+  chunk that fits is found by bisection from the top: one compile when all probes fit,
+  about 2 + log2(number of divisors) otherwise.
+
+  Args:
+    build: chunk_size -> jitted measurement (with `.lower`), e.g.
+      `lambda c: get_curvature_fn(..., chunk_size=c)`.
+    args: example arguments (arrays or jax.ShapeDtypeStruct) to lower it with.
+    num_probes: the probes per measurement.
+    max_bytes: the budget.
+
+  Returns:
+    ChunkPlan(chunk_size, planned_bytes, compiled) of the chosen chunk; `compiled` runs it.
+  """
+  candidates = [c for c in range(num_probes, 0, -1) if num_probes % c == 0]
+  plans: dict[int, ChunkPlan] = {}
+
+  def plan(i):
+    if i not in plans:
+      compiled = build(candidates[i]).lower(*args).compile()
+      plans[i] = ChunkPlan(candidates[i], planned_bytes(compiled), compiled)
+    return plans[i]
+
+  if plan(0).planned_bytes <= max_bytes:
+    return plans[0]
+  last = len(candidates) - 1
+  if last == 0 or plan(last).planned_bytes > max_bytes:
+    return plan(last)
+  too_big, fits = 0, last  # invariant: candidates[too_big] does not fit, candidates[fits] does
+  while fits - too_big > 1:
+    middle = (too_big + fits) // 2
+    if plan(middle).planned_bytes <= max_bytes:
+      fits = middle
+    else:
+      too_big = middle
+  return plans[fits]
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,10 +898,110 @@ def _stats_metrics(prefix: str, stats: dict, j: int) -> dict[str, jax.Array]:
   return metrics
 
 
-def get_curvature_fn(per_example_loss_fn: Callable, loss_weights, num_timesteps: int, *,
+def _mean_squares(residual_fn: Callable) -> Callable:
+  """(params, x0, t, noise) -> (B,) mean squared residual per example, in its own dtype."""
+  def per_example_loss(params, x0, t, noise):
+    r = residual_fn(params, x0, t, noise)
+    return jnp.mean(jnp.square(r).reshape(r.shape[0], -1), axis=1)
+  return per_example_loss
+
+
+def _measurement_setup(per_example_loss_fn: Callable | None, residual_fn: Callable | None,
+                       loss_weights, num_timesteps: int, objective: str,
+                       t_bands: int = 0) -> tuple[Callable, list[str], Callable]:
+  """Checks the objectives' arguments; returns (per-example loss, metric prefixes, rows).
+
+  rows(t) -> ((m, B) coefficients c_j with objective_j = c_j . l, band counts or None): the
+  train and/or reference rows in the order of the prefixes, then the band rows.
+  """
+  if objective not in OBJECTIVES:
+    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+  weights = np.asarray(loss_weights)
+  if weights.shape != (num_timesteps,):
+    raise ValueError(f"loss_weights must have shape ({num_timesteps},), got {weights.shape}")
+  if t_bands < 0:
+    raise ValueError(f"t_bands must be >= 0, got {t_bands}")
+  if per_example_loss_fn is None:
+    if residual_fn is None:
+      raise ValueError("give per_example_loss_fn or residual_fn")
+    per_example_loss_fn = _mean_squares(residual_fn)
+  prefixes = {"train": ["curvature/"], "reference": ["curvature/ref/"],
+              "both": ["curvature/", "curvature/ref/"]}[objective]
+
+  def rows(t):
+    batch_size = t.shape[0]
+    out = []
+    if objective in ("train", "both"):
+      out.append(jnp.asarray(weights)[t] / batch_size)
+    if objective in ("reference", "both"):
+      out.append(jnp.full((batch_size,), 1.0 / batch_size))
+    out = jnp.stack(out)
+    if not t_bands:
+      return out, None
+    masks = _band_masks(t, num_timesteps, t_bands)
+    counts = masks.sum(axis=1)
+    band_rows = masks / jnp.maximum(counts, 1)[:, None]
+    return jnp.concatenate([out, band_rows.astype(out.dtype)]), counts
+
+  return per_example_loss_fn, prefixes, rows
+
+
+def _batch_objectives(per_example_loss_fn: Callable, coefficients: jax.Array,
+                      probe_batch) -> Callable:
+  """params -> (m,) objectives c_j . l on the fixed probe batch."""
+  x0, t, noise = probe_batch
+
+  def objectives(p):
+    losses = per_example_loss_fn(p, x0, t, noise)
+    return coefficients.astype(losses.dtype) @ losses
+
+  return objectives
+
+
+def _ggn_metrics(residual_fn: Callable, params: PyTree, probe_batch, rows: jax.Array,
+                 prefixes: list[str], rng: jax.Array, num_probes: int,
+                 chunk_size: int | None) -> dict[str, jax.Array]:
+  x0, t, noise = probe_batch
+  stats = gauss_newton_trace(lambda p: residual_fn(p, x0, t, noise), params, rng, num_probes,
+                             rows[:len(prefixes)], chunk_size)
+  metrics = {}
+  for j, prefix in enumerate(prefixes):
+    metrics[f"{prefix}ggn_trace_mean"] = stats["mean"][j]
+    metrics[f"{prefix}ggn_trace_stderr"] = stats["stderr"][j]
+  return metrics
+
+
+def _precond_metrics(objectives: Callable, params: PyTree, prefixes: list[str],
+                     preconditioner: AdamPreconditioner, rng: jax.Array,
+                     num_iters: int) -> dict[str, jax.Array]:
+  metrics = {}
+  for j, prefix in enumerate(prefixes):
+    metrics[f"{prefix}precond_sharpness"] = preconditioned_sharpness(
+        lambda p, j=j: objectives(p)[j], params, preconditioner.diagonal, rng, num_iters)
+    metrics[f"{prefix}precond_threshold"] = jnp.asarray(preconditioner.threshold, jnp.float32)
+  return metrics
+
+
+def _block_metrics(prefix: str, leaf_probes: jax.Array, params: PyTree, blocks: ParamBlocks,
+                   with_norms: bool) -> dict[str, jax.Array]:
+  metrics = {}
+  for name, b in block_traces(leaf_probes, params, blocks).items():
+    metrics[f"{prefix}block/{name}/hutch_trace_mean"] = b["mean"]
+    metrics[f"{prefix}block/{name}/hutch_trace_stderr"] = b["stderr"]
+    if "normalized_mean" in b:
+      metrics[f"{prefix}block/{name}/normalized_trace"] = b["normalized_mean"]
+      metrics[f"{prefix}block/{name}/normalized_trace_stderr"] = b["normalized_stderr"]
+    if with_norms:
+      metrics[f"curvature/param_norm/{name}"] = b["norm"]
+  return metrics
+
+
+def get_curvature_fn(per_example_loss_fn: Callable | None, loss_weights, num_timesteps: int, *,
                      num_probes: int = 16, estimator: str = "hutchinson",
                      objective: str = "both", t_bands: int = 0, chunk_size: int | None = None,
-                     top_eig_iters: int = 0) -> Callable:
+                     top_eig_iters: int = 0, blocks: ParamBlocks | None = None,
+                     residual_fn: Callable | None = None,
+                     precond_iters: int = 0) -> Callable:
   """Builds the jitted curvature measurement `fn(params, probe_batch, rng) -> metrics`.
 
   Objectives, with l_i = per_example_loss_fn(params, x0, t, noise)[i] over the B examples:
@@ -382,82 +1014,184 @@ def get_curvature_fn(per_example_loss_fn: Callable, loss_weights, num_timesteps:
   Args:
     per_example_loss_fn: (params, x0, t, noise) -> (B,) unweighted eps-space MSE per example;
       deterministic (dropout off) and computed in float32 (build the model in float32 even if
-      training runs in bfloat16; the params are promoted to float32 here).
+      training runs in bfloat16; the params are promoted to float32 here). None: the mean
+      square of `residual_fn` per example.
     loss_weights: (T,) per-timestep weights, e.g. `diffusion.loss_weight(...)`.
     num_timesteps: T.
     num_probes: Hutchinson probes, or the Hutch++ matvec budget, per objective.
     estimator: "hutchinson" or "hutch++".
     objective: "train", "reference" or "both".
     t_bands: K > 0 adds the reference trace restricted to each of K timestep bands.
-    chunk_size: probes vmapped at once (None: all); bounds memory.
+    chunk_size: probes vmapped at once (None: all); bounds memory. `plan_chunk_size` picks
+      it from a memory budget.
     top_eig_iters: Lanczos steps for the top Hessian eigenvalue; 0 skips it.
+    blocks: per-block traces from the same probes (Hutchinson only), their parameter norms,
+      the normalised traces of the scale-invariant blocks and tr/P; e.g. `unet_param_blocks`.
+    residual_fn: (params, x0, t, noise) -> (B, ...) prediction minus target, with
+      per_example_loss = mean of its square over all but the batch axis; adds the
+      Gauss-Newton trace on the same probe vectors (Hutchinson only).
+    precond_iters: Lanczos steps for Adam's preconditioned sharpness lambda_max(P^-1 H);
+      then fn takes a fourth argument, the `AdamPreconditioner` of the params measured.
 
   Returns:
-    fn(params, probe_batch=(x0, t, noise), rng) -> dict of scalars:
+    fn(params, probe_batch=(x0, t, noise), rng[, preconditioner]) -> dict of scalars:
       curvature/hutch_trace_{mean,std,stderr}, curvature/hutch_trace_probe/{i},
       curvature/tr_h2 [, curvature/top_eig]                         (train objective)
       curvature/ref/... with the same names                         (reference objective)
       curvature/band/{k}/hutch_trace_{mean,stderr}                  (t_bands > 0; NaN if empty)
-    Keys name the objective, so objective="reference" writes only curvature/ref/... .
+      with blocks, per objective prefix:
+        block/<name>/hutch_trace_{mean,stderr} for every block, which add up to
+        hutch_trace_mean within each of the stage/ and kind/ partitions;
+        block/gn_fed/<stage>/normalized_trace[_stderr]: sum_g tr(H_gg) ||w_g||^2;
+        trace_per_param: hutch_trace_mean / P, the mean eigenvalue;
+      and once, curvature/param_norm/<name> (objective-independent).
+      with residual_fn, per prefix: ggn_trace_{mean,stderr}.
+      with precond_iters, per prefix: precond_sharpness, precond_threshold.
+    Keys name the objective, so objective="reference" writes only curvature/ref/... (and
+    curvature/param_norm/...).
 
   Cost, with m = (1 or 2) + t_bands objectives: Hutchinson runs num_probes HVPs over the
   probe batch, each one forward and m backward passes; Hutch++ runs m * num_probes full
   HVPs; Lanczos adds top_eig_iters HVPs per train/reference objective and stores
-  top_eig_iters + 1 flattened parameter vectors. Each per-probe key is one output of the
-  compiled function (a few ms of compile time each on CPU).
+  top_eig_iters + 1 flattened parameter vectors, and precond_iters likewise. Blocks cost no
+  matvec; the Gauss-Newton trace adds num_probes JVPs. Each per-probe key is one output of
+  the compiled function (a few ms of compile time each on CPU).
   """
   _check_estimator(estimator, num_probes)
-  if objective not in OBJECTIVES:
-    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-  weights = np.asarray(loss_weights)
-  if weights.shape != (num_timesteps,):
-    raise ValueError(f"loss_weights must have shape ({num_timesteps},), got {weights.shape}")
-  if t_bands < 0 or top_eig_iters < 0:
-    raise ValueError(f"t_bands and top_eig_iters must be >= 0, got {t_bands}, {top_eig_iters}")
+  per_example_loss_fn, prefixes, objective_rows = _measurement_setup(
+      per_example_loss_fn, residual_fn, loss_weights, num_timesteps, objective, t_bands)
+  if top_eig_iters < 0 or precond_iters < 0:
+    raise ValueError(f"top_eig_iters and precond_iters must be >= 0, got {top_eig_iters}, "
+                     f"{precond_iters}")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
-  prefixes = {"train": ["curvature/"], "reference": ["curvature/ref/"],
-              "both": ["curvature/", "curvature/ref/"]}[objective]
+  if (blocks is not None or residual_fn is not None) and estimator != "hutchinson":
+    raise ValueError(f"per-block and Gauss-Newton traces need estimator='hutchinson', "
+                     f"got {estimator!r}")
 
-  def objective_coefficients(t):
-    """(m, B) rows c_j with objective_j = c_j . l; band rows come last."""
-    batch_size = t.shape[0]
-    rows = []
-    if objective in ("train", "both"):
-      rows.append(jnp.asarray(weights)[t] / batch_size)
-    if objective in ("reference", "both"):
-      rows.append(jnp.full((batch_size,), 1.0 / batch_size))
-    rows = jnp.stack(rows)
-    if not t_bands:
-      return rows, None
-    masks = _band_masks(t, num_timesteps, t_bands)
-    counts = masks.sum(axis=1)
-    band_rows = masks / jnp.maximum(counts, 1)[:, None]
-    return jnp.concatenate([rows, band_rows.astype(rows.dtype)]), counts
-
-  def curvature_fn(params, probe_batch, rng):
-    x0, t, noise = probe_batch
+  def curvature_fn(params, probe_batch, rng, preconditioner=None):
+    if precond_iters and preconditioner is None:
+      raise ValueError("precond_iters > 0: pass the AdamPreconditioner of these params")
+    t = probe_batch[1]
     params = _at_least_float32(params)
     trace_rng, eig_rng = jax.random.split(rng)
-    coefficients, band_counts = objective_coefficients(t)
+    coefficients, band_counts = objective_rows(t)
+    objectives = _batch_objectives(per_example_loss_fn, coefficients, probe_batch)
 
-    def objectives(p):
-      losses = per_example_loss_fn(p, x0, t, noise)
-      return coefficients.astype(losses.dtype) @ losses
-
-    stats = hutchinson(objectives, params, trace_rng, num_probes, estimator, chunk_size)
+    stats = hutchinson(objectives, params, trace_rng, num_probes, estimator, chunk_size,
+                       per_leaf=blocks is not None)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
     metrics = {}
     for j, prefix in enumerate(prefixes):
       metrics.update(_stats_metrics(prefix, stats, j))
       if top_eig_iters:
         metrics[f"{prefix}top_eig"] = top_eigenvalue(
             lambda p, j=j: objectives(p)[j], params, eig_rng, top_eig_iters)
+      if blocks is not None:
+        metrics.update(_block_metrics(prefix, stats["leaf_probes"][:, j], params, blocks,
+                                      with_norms=j == 0))
+        metrics[f"{prefix}trace_per_param"] = stats["mean"][j] / num_params
     for k in range(t_bands):
       j = len(prefixes) + k
       nonempty = band_counts[k] > 0
       for name in ("mean", "stderr"):
         metrics[f"curvature/band/{k}/hutch_trace_{name}"] = jnp.where(
             nonempty, stats[name][j], jnp.nan)
+    if residual_fn is not None:
+      metrics.update(_ggn_metrics(residual_fn, params, probe_batch, coefficients, prefixes,
+                                  trace_rng, num_probes, chunk_size))
+    if precond_iters:
+      metrics.update(_precond_metrics(objectives, params, prefixes, preconditioner, eig_rng,
+                                      precond_iters))
     return metrics
 
   return jax.jit(curvature_fn)
+
+
+def get_ggn_trace_fn(residual_fn: Callable, loss_weights, num_timesteps: int, *,
+                     num_probes: int = 16, objective: str = "both",
+                     chunk_size: int | None = None) -> Callable:
+  """The Gauss-Newton part of `get_curvature_fn` alone, to time it against a train step.
+
+  fn(params, probe_batch, rng) -> {prefix + "ggn_trace_mean", ...}: the same probe vectors
+  and values as get_curvature_fn(..., residual_fn=residual_fn) for the same rng.
+  """
+  _, prefixes, objective_rows = _measurement_setup(None, residual_fn, loss_weights,
+                                                   num_timesteps, objective)
+
+  def ggn_fn(params, probe_batch, rng):
+    params = _at_least_float32(params)
+    trace_rng, _ = jax.random.split(rng)
+    coefficients, _ = objective_rows(probe_batch[1])
+    return _ggn_metrics(residual_fn, params, probe_batch, coefficients, prefixes, trace_rng,
+                        num_probes, chunk_size)
+
+  return jax.jit(ggn_fn)
+
+
+def get_precond_sharpness_fn(per_example_loss_fn: Callable | None, loss_weights,
+                             num_timesteps: int, *, num_iters: int = 20,
+                             objective: str = "both",
+                             residual_fn: Callable | None = None) -> Callable:
+  """Adam's preconditioned sharpness alone (the precond part of `get_curvature_fn`).
+
+  fn(params, probe_batch, rng, preconditioner: AdamPreconditioner) ->
+    {prefix + "precond_sharpness", prefix + "precond_threshold"}, equal to get_curvature_fn's
+    values for the same rng.
+  """
+  per_example_loss_fn, prefixes, objective_rows = _measurement_setup(
+      per_example_loss_fn, residual_fn, loss_weights, num_timesteps, objective)
+
+  def precond_fn(params, probe_batch, rng, preconditioner):
+    params = _at_least_float32(params)
+    _, eig_rng = jax.random.split(rng)
+    coefficients, _ = objective_rows(probe_batch[1])
+    objectives = _batch_objectives(per_example_loss_fn, coefficients, probe_batch)
+    return _precond_metrics(objectives, params, prefixes, preconditioner, eig_rng, num_iters)
+
+  return jax.jit(precond_fn)
+
+
+DENSITY_OBJECTIVE_NAMES = {"curvature/": "train", "curvature/ref/": "ref"}
+
+
+def get_spectral_density_fn(per_example_loss_fn: Callable | None, loss_weights,
+                            num_timesteps: int, *, objective: str = "both", num_runs: int = 4,
+                            num_steps: int = 30, num_points: int = 512,
+                            broadening: float = 0.01,
+                            residual_fn: Callable | None = None) -> Callable:
+  """The Hessian's spectral density by SLQ, a separate program for its lower frequency.
+
+  fn(params, probe_batch, rng) -> dict of arrays, per objective name N ("train", "ref"):
+    N_nodes, N_weights: (num_runs, m) quadrature nodes and weights
+      (`stochastic_lanczos_quadrature`), enough to redraw the density on any grid;
+    N_grid: (num_points,) eigenvalues; N_density: (num_points,) the broadened density on
+      it (`density_grid`, `spectral_density`); N_sigma: the Gaussian width.
+  The run loop saves them as curvature_density/step_XXXXXX.npz.
+
+  Cost: num_runs * num_steps HVPs per objective, one run after another, each holding
+  num_steps + 1 flattened parameter vectors.
+  """
+  per_example_loss_fn, prefixes, objective_rows = _measurement_setup(
+      per_example_loss_fn, residual_fn, loss_weights, num_timesteps, objective)
+  if num_runs < 1 or num_steps < 1 or num_points < 2 or not broadening > 0:
+    raise ValueError(f"need num_runs, num_steps >= 1, num_points >= 2 and broadening > 0, got "
+                     f"{num_runs}, {num_steps}, {num_points}, {broadening}")
+
+  def density_fn(params, probe_batch, rng):
+    params = _at_least_float32(params)
+    _, eig_rng = jax.random.split(rng)
+    coefficients, _ = objective_rows(probe_batch[1])
+    objectives = _batch_objectives(per_example_loss_fn, coefficients, probe_batch)
+    out = {}
+    for j, prefix in enumerate(prefixes):
+      name = DENSITY_OBJECTIVE_NAMES[prefix]
+      nodes, weights = stochastic_lanczos_quadrature(
+          lambda p, j=j: objectives(p)[j], params, eig_rng, num_runs, num_steps)
+      grid, sigma = density_grid(nodes, num_points, broadening)
+      out.update({f"{name}_nodes": nodes, f"{name}_weights": weights, f"{name}_grid": grid,
+                  f"{name}_density": spectral_density(nodes, weights, grid, sigma),
+                  f"{name}_sigma": sigma})
+    return out
+
+  return jax.jit(density_fn)

@@ -70,6 +70,8 @@ BAD = [
     ("curvature.params", "average", ["curvature.params", "'ema'"]),
     ("train.chunk_runner", "while", ["train.chunk_runner", "'scan'", "'loop'"]),
     ("eval.grid_upscale", 0, ["eval.grid_upscale", "integer > 0"]),
+    ("curvature.max_memory_gb", 0.0, ["curvature.max_memory_gb", "> 0"]),
+    ("curvature.density_points", 1, ["curvature.density_points", ">= 2"]),
 ]
 
 
@@ -182,3 +184,14 @@ def test_a_schedule_that_does_not_reach_noise_is_refused():
                      r"beta_start=0\.001 --config\.diffusion\.beta_end=0\.2"):
     config_lib.validate(config)
   config_lib.validate(smoke.get_config())
+  config = base.get_config()
+  config.curvature.enabled = True
+  config.curvature.density_every_steps = 150
+  with pytest.raises(UserError, match="density_every_steps.*multiple"):
+    config_lib.validate(config)
+  config = base.get_config()
+  config.curvature.enabled = True
+  config.curvature.estimator = "hutch++"
+  config.curvature.ggn = True
+  with pytest.raises(UserError, match="ggn.*hutchinson"):
+    config_lib.validate(config)

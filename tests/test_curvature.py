@@ -5,6 +5,7 @@ hold exactly in real arithmetic can be checked at rounding level; statistical ch
 tolerances derived from the estimators' known variances, stated next to each assertion.
 """
 import math
+import types
 
 import jax
 from jax.flatten_util import ravel_pytree
@@ -467,3 +468,507 @@ def test_bad_arguments_raise():
     curvature.get_curvature_fn(per_example, np.ones(10), 10, objective="weighted")
   with pytest.raises(ValueError, match="loss_weights"):
     curvature.get_curvature_fn(per_example, np.ones(9), 10)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-block traces
+# ---------------------------------------------------------------------------------------
+def _mlp_blocks():
+  """Two partitions of the MLP's leaves (bias, kernel of dense1, then of dense2)."""
+  blocks = {"layer/dense1": (0, 1), "layer/dense2": (2, 3), "kind/bias": (0, 2),
+            "kind/kernel": (1, 3)}
+  return curvature.ParamBlocks(num_leaves=4, blocks=blocks, scale_invariant={})
+
+
+def _flat_index(params, leaves):
+  """Positions in ravel_pytree(params) of the entries of the given leaves."""
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  offsets = np.cumsum([0] + sizes)
+  return np.concatenate([np.arange(offsets[l], offsets[l + 1]) for l in leaves])
+
+
+def test_block_traces_add_up_and_match_exact_block_traces(x64):
+  loss, params, h = _mlp_problem(seed=8)
+  blocks = _mlp_blocks()
+  num_probes = 1000
+  stats = jax.jit(lambda rng: curvature.hutchinson(loss, params, rng, num_probes,
+                                                   per_leaf=True))(jax.random.key(20))
+  traces = curvature.block_traces(stats["leaf_probes"], params, blocks)
+  # Each partition splits every probe into its blocks, so the block means add up to the
+  # total probe by probe; only the float64 summation order differs.
+  for partition in ("layer/", "kind/"):
+    total = sum(traces[n]["mean"] for n in blocks.blocks if n.startswith(partition))
+    np.testing.assert_allclose(total, stats["mean"], rtol=1e-12)
+  for name, leaves in blocks.blocks.items():
+    index = _flat_index(params, leaves)
+    # Reference: the block's diagonal sub-matrix of the dense jax.hessian. The block probe is
+    # v^T D H v = v^T M v with D the block's 0/1 diagonal and M = (D H + H D) / 2, so its
+    # exact Rademacher variance is 2 (||M||_F^2 - sum_i M_ii^2); 4 exact standard errors
+    # (CLT; a correct estimator fails with p ~ 6e-5).
+    d = np.zeros(h.shape[0])
+    d[index] = 1.0
+    m = 0.5 * (d[:, None] * h + h * d[None, :])
+    exact = np.trace(h[np.ix_(index, index)])
+    err = abs(traces[name]["mean"] - exact)
+    assert err < 4 * math.sqrt(_hutchinson_variance(m) / num_probes), (name, err, exact)
+    # The stderr is the sample std of the block probes over sqrt(n); with 1000 probes it is
+    # within ~10% of the exact one (kurtosis of a Rademacher quadratic form is small).
+    np.testing.assert_allclose(traces[name]["stderr"],
+                               math.sqrt(_hutchinson_variance(m) / num_probes), rtol=0.15)
+    np.testing.assert_allclose(traces[name]["norm"],
+                               np.linalg.norm(ravel_pytree(params)[0][index]), rtol=1e-12)
+
+
+def _tiny_unet(channel_mult=(1,), attn_resolutions=(), base_channels=4):
+  unet = pytest.importorskip("diffdyn.models.unet")
+  return unet.UNet(base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=1,
+                   attn_resolutions=attn_resolutions, dropout=0.0)
+
+
+def test_unet_param_blocks_follow_the_forward_pass():
+  import flax.linen as nn
+  channel_mult, image_size, attn_resolutions = (1, 2, 2), 16, (4,)
+  model = _tiny_unet(channel_mult, attn_resolutions)
+  levels = curvature.unet_attention_levels(image_size, len(channel_mult), attn_resolutions)
+  assert levels == [2]
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and len(context.module.path) == 1:
+      calls.append((context.module.path[0], args[0].shape))
+    return next_fun(*args, **kwargs)
+
+  x = jnp.zeros((1, image_size, image_size, 3))
+  with nn.intercept_methods(record):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32)))
+  params = shapes["params"]
+  blocks = curvature.unet_param_blocks(params, len(channel_mult), 1, levels)
+  paths = [tuple(curvature._path_names(p))
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+  # Each partition holds every leaf exactly once, and the UNet's naming explains every leaf.
+  for partition in ("stage/", "kind/"):
+    members = sorted(i for n, v in blocks.blocks.items() if n.startswith(partition) for i in v)
+    assert members == list(range(len(paths))), partition
+  assert "stage/other" not in blocks.blocks and "kind/other" not in blocks.blocks
+  assert {n for n in blocks.blocks if n.startswith("kind/")} == {
+      "kind/conv", "kind/attention", "kind/norm", "kind/temb", "kind/head"}
+
+  # Reference: the forward pass itself. A module of stage down<l>, mid or up<l> runs on
+  # feature maps of size image_size / 2**l (mid at the deepest level), and the stages run in
+  # the order down0, ..., mid, ..., up0.
+  stage_of = {}
+  for name, leaves in blocks.blocks.items():
+    if name.startswith("stage/"):
+      for leaf in leaves:
+        stage_of.setdefault(paths[leaf][0], name[len("stage/"):])
+  deepest = len(channel_mult) - 1
+  order = []
+  for module, shape in calls:
+    stage = stage_of[module]
+    if stage in ("stem", "temb", "head"):
+      continue
+    level = deepest if stage == "mid" else int(stage.lstrip("downup"))
+    assert shape[1] == image_size // 2 ** level, (module, stage, shape)
+    order.append(level if stage.startswith("down") else
+                 deepest + 1 if stage == "mid" else 2 * deepest + 2 - level)
+  assert order == sorted(order), calls
+  assert stage_of["Dense_0"] == "temb" and stage_of["Conv_1"] == "head"
+  # The attention blocks sit where the resolution is listed: 4 = 16 / 2**2.
+  assert {stage_of[m] for m, _ in calls if m.startswith("AttnBlock")} == {"down2", "mid", "up2"}
+  # One scale-invariant group per ResnetBlock, its first conv and time projection.
+  num_res = sum(m.startswith("ResnetBlock") for m, _ in calls)
+  groups = [g for gs in blocks.scale_invariant.values() for g in gs]
+  assert len(groups) == num_res
+  for group in groups:
+    assert {paths[l][1] for l in group} == {"Conv_0", "Dense_0"}
+
+  with pytest.raises(ValueError, match="ResnetBlock"):
+    curvature.unet_param_blocks(params, len(channel_mult), 2, levels)
+
+
+def _random_unet_params(shapes, rs, dtype=jnp.float32):
+  # Fan-in scaled weights instead of the DDPM init, whose zero-initialised output layers
+  # would make the Hessian nearly vanish away from the last layer. GroupNorm scales stay
+  # near 1, as trained ones do, so activations are O(1) against GroupNorm's epsilon.
+  def leaf(path, s):
+    if curvature._path_names(path)[-1] == "scale":
+      return jnp.asarray(1.0 + 0.1 * rs.randn(*s.shape), dtype)
+    fan_in = np.prod(s.shape[:-1]) if len(s.shape) > 1 else 100.0
+    return jnp.asarray(rs.randn(*s.shape) / np.sqrt(fan_in), dtype)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.mark.slow
+def test_scaling_a_groupnorm_fed_block_scales_its_trace_and_not_the_normalised_one():
+  # A real UNet (GroupNorm included) on 8x8 images; float32, as the model computes.
+  model = _tiny_unet()
+  schedule = diffusion.make_schedule("linear", 100)
+  rs = np.random.RandomState(21)
+  x0 = jnp.asarray(rs.uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)
+  noise = jnp.asarray(rs.randn(4, 8, 8, 3), jnp.float32)
+  t = jnp.array([5, 30, 55, 80], jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x0, t)["params"])
+  params = _random_unet_params(shapes, rs)
+  blocks = curvature.unet_param_blocks(params, 1, 1, [])
+  (group,) = blocks.scale_invariant["gn_fed/down0"]  # ResnetBlock_0's Conv_0 and Dense_0
+
+  def per_example(p, x0, t, noise):
+    out = model.apply({"params": p}, diffusion.q_sample(schedule, x0, t, noise), t)
+    return diffusion.per_example_mse(out, noise)
+
+  def scaled(c):
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([c * x if i in group else x for i, x in enumerate(leaves)])
+
+  def group_hessian_trace(p):
+    """Reference: the trace of jax.hessian of the loss in the group's entries alone."""
+    flat, unravel = ravel_pytree(p)
+    index = jnp.asarray(_flat_index(p, group))
+    def loss_of_group(w):
+      return per_example(unravel(flat.at[index].set(w)), x0, t, noise).mean()
+    return jnp.trace(jax.hessian(loss_of_group)(flat[index]))
+
+  num_probes = 256
+  fn = curvature.get_curvature_fn(per_example, np.ones(100), 100, num_probes=num_probes,
+                                  objective="reference", blocks=blocks, chunk_size=64)
+  exact_trace = jax.jit(group_hessian_trace)
+  # Shrinking the group sharpens it (c < 1): the block probe's noise is mostly its cross
+  # terms with the other blocks, which grow only as 1/c against the trace's 1/c^2.
+  c = 1.0 / 3.0
+  batch = (x0, t, noise)
+  base, small = fn(params, batch, jax.random.key(22)), fn(scaled(c), batch, jax.random.key(23))
+  exact_base, exact_small = float(exact_trace(params)), float(exact_trace(scaled(c)))
+  norm_sq = float(base["curvature/param_norm/gn_fed/down0"]) ** 2
+  # loss(c w) = loss(w) except for GroupNorm's epsilon (1e-6 against activation variances
+  # ~1e-1 here): tr H(c w) = tr H(w) / c^2 to ~1e-5, plus float32 rounding of the Hessian
+  # (~1e-5 relative); 1e-3 separates this from any other power of c by orders of magnitude.
+  np.testing.assert_allclose(exact_small * c ** 2, exact_base, rtol=1e-3)
+  np.testing.assert_allclose(small["curvature/param_norm/gn_fed/down0"] ** 2, c ** 2 * norm_sq,
+                             rtol=1e-5)
+  # The estimates: the block trace follows 1/c^2 and the normalised trace stays put, each
+  # within 4 of its own standard errors (256 probes: the normal tail at 4 is ~6e-5).
+  prefix = "curvature/ref/block/gn_fed/down0/"
+  for metrics, exact in ((base, exact_base), (small, exact_small)):
+    err = abs(metrics[prefix + "hutch_trace_mean"] - exact)
+    assert err < 4 * metrics[prefix + "hutch_trace_stderr"], (err, exact)
+    err = abs(metrics[prefix + "normalized_trace"] - exact_base * norm_sq)
+    assert err < 4 * metrics[prefix + "normalized_trace_stderr"], (err, exact_base * norm_sq)
+  # The test discriminates: the two raw traces differ by over 4 standard errors of their
+  # difference, so an estimate that ignored the scaling would fail the checks above.
+  se_diff = math.hypot(base[prefix + "hutch_trace_stderr"], small[prefix + "hutch_trace_stderr"])
+  assert abs(exact_small - exact_base) > 4 * se_diff, (exact_small, exact_base, se_diff)
+
+
+# ---------------------------------------------------------------------------------------
+# Gauss-Newton trace
+# ---------------------------------------------------------------------------------------
+def _toy_residual(schedule, linear=False):
+  """pred - noise of the per-pixel eps-model of `_toy_setup` (tanh, or linear in params)."""
+  def residual(p, x0, t, noise):
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    time = (t.astype(x0.dtype) / NUM_TIMESTEPS)[:, None, None, None]
+    pre = x_t @ p["w"] + p["b"] + p["s"] * time
+    return (pre if linear else jnp.tanh(pre)) - noise
+  return residual
+
+
+def _exact_ggns(residual, params, batch, coefficients):
+  """(m, P, P) matrices J^T W_j J, W_j = diag(2 c_ji / D), from the dense Jacobian."""
+  flat, unravel = ravel_pytree(params)
+  jac = np.asarray(jax.jit(jax.jacfwd(lambda f: residual(unravel(f), *batch)))(flat))
+  jac = jac.reshape(jac.shape[0], -1, flat.size)  # (B, D, P)
+  per_example = np.einsum("idp,idq->ipq", jac, jac) * 2.0 / jac.shape[1]
+  return np.einsum("ji,ipq->jpq", np.asarray(coefficients), per_example)
+
+
+@pytest.mark.slow
+def test_ggn_trace_matches_exact_gauss_newton_trace(x64):
+  schedule, batch, params, _ = _toy_setup()
+  residual = _toy_residual(schedule)
+  weights = diffusion.loss_weight(schedule, "minsnr", gamma=1.0)
+  num_probes = 256
+  fn = curvature.get_curvature_fn(None, weights, NUM_TIMESTEPS, num_probes=num_probes,
+                                  objective="both", residual_fn=residual)
+  metrics = fn(params, batch, jax.random.key(30))
+  t = np.asarray(batch[1])
+  coefficients = np.stack([weights[t] / BATCH, np.full(BATCH, 1.0 / BATCH)])
+  ggns = _exact_ggns(residual, params, batch, coefficients)
+  flat, unravel = ravel_pytree(params)
+  h_train = np.asarray(jax.hessian(
+      lambda f: coefficients[0] @ jnp.mean(jnp.square(residual(unravel(f), *batch)),
+                                           axis=(1, 2, 3)))(flat))
+  for prefix, g in zip(("curvature/", "curvature/ref/"), ggns):
+    assert np.linalg.eigvalsh(g).min() > -1e-12  # PSD, as J^T W J with W >= 0 must be
+    # Reference: trace(J^T W J) from the dense Jacobian; 4 exact standard errors
+    # sqrt(2 (||G||_F^2 - sum G_ii^2) / n) (CLT; fails a correct estimator with p ~ 6e-5).
+    err = abs(metrics[f"{prefix}ggn_trace_mean"] - np.trace(g))
+    sigma = math.sqrt(_hutchinson_variance(g) / num_probes)
+    assert err < 4 * sigma, (prefix, err)
+    np.testing.assert_allclose(metrics[f"{prefix}ggn_trace_stderr"], sigma, rtol=0.3)
+  # The tanh model is far from linear here: the residual term is a large part of tr H, so
+  # a "GGN" that returned the Hessian trace would fail the checks above.
+  assert abs(np.trace(h_train) - np.trace(ggns[0])) > 20 * math.sqrt(
+      _hutchinson_variance(ggns[0]) / num_probes)
+
+
+def test_hessian_equals_ggn_for_a_model_linear_in_its_params(x64):
+  schedule, batch, params, _ = _toy_setup()
+  residual = _toy_residual(schedule, linear=True)
+  weights = diffusion.loss_weight(schedule, "minsnr", gamma=1.0)
+  fn = curvature.get_curvature_fn(None, weights, NUM_TIMESTEPS, num_probes=8, objective="both",
+                                  residual_fn=residual)
+  metrics = fn(params, batch, jax.random.key(31))
+  # A model linear in params has no second derivative, so H = G exactly; the probes are the
+  # same vectors, so mean and stderr agree up to float64 rounding.
+  for prefix in ("curvature/", "curvature/ref/"):
+    for stat in ("mean", "stderr"):
+      np.testing.assert_allclose(metrics[f"{prefix}ggn_trace_{stat}"],
+                                 metrics[f"{prefix}hutch_trace_{stat}"], rtol=1e-10)
+    assert abs(metrics[f"{prefix}hutch_trace_mean"]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Spectral density (SLQ)
+# ---------------------------------------------------------------------------------------
+def test_slq_density_moments_and_support(x64):
+  eigenvalues = np.concatenate([[-3.0, 10.0], np.linspace(0.0, 2.0, 58)])
+  loss, params, a = _quadratic_problem(eigenvalues, seed=9)
+  num_runs, num_steps = 200, 20
+  nodes, weights = jax.jit(lambda rng: curvature.stochastic_lanczos_quadrature(
+      loss, params, rng, num_runs, num_steps))(jax.random.key(32))
+  nodes, weights = np.asarray(nodes), np.asarray(weights)
+  assert nodes.shape == weights.shape == (num_runs, num_steps)
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
+  # Nodes are Rayleigh quotients; the extremes are isolated (gaps 8 and 3 against a width 13
+  # spectrum), so 20 steps converge them to ~1e-10 by Kaniel-Paige; 1e-6 is loose.
+  assert nodes.min() >= -3.0 - 1e-9 and nodes.max() <= 10.0 + 1e-9
+  np.testing.assert_allclose(nodes.min(axis=1), -3.0, atol=1e-6)
+  np.testing.assert_allclose(nodes.max(axis=1), 10.0, atol=1e-6)
+
+  grid, sigma = curvature.density_grid(jnp.asarray(nodes), 2048, 0.01)
+  density = np.asarray(curvature.spectral_density(jnp.asarray(nodes), jnp.asarray(weights),
+                                                  grid, sigma))
+  grid, sigma = np.asarray(grid), float(sigma)
+  assert grid[0] <= eigenvalues.min() and grid[-1] >= eigenvalues.max()  # support covered
+  # The density integrates to 1: the grid spans 5 sigma beyond every node (mass lost ~6e-7)
+  # and the trapezoid rule is exact to ~1e-12 for a Gaussian sampled at ~9 points per sigma.
+  np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, atol=1e-5)
+  # Reference: the spectrum's moments tr(A^p) / P. Each run's Gauss quadrature is exactly
+  # v^T A^p v / P (degree p <= 2 m - 1) for its Rademacher start v, a Hutchinson probe of
+  # A^p / P with exact variance 2 (||A^p||_F^2 - sum diag(A^p)^2) / P^2; the runs average
+  # them, so 4 exact standard errors (CLT; p ~ 6e-5 per moment for a correct estimator).
+  dim = len(eigenvalues)
+  node_moments = [np.mean(np.sum(weights * nodes ** p, axis=1)) for p in (1, 2, 3)]
+  for p, got in enumerate(node_moments, start=1):
+    exact = np.mean(eigenvalues ** p)
+    stderr = math.sqrt(_hutchinson_variance(np.linalg.matrix_power(a, p)) / dim ** 2 / num_runs)
+    assert abs(got - exact) < 4 * stderr, (p, got, exact, stderr)
+  # The density's moments are the nodes' convolved with N(0, sigma^2): m1, m2 + sigma^2,
+  # m3 + 3 sigma^2 m1. Reference: those closed forms; the trapezoid rule on this grid is
+  # accurate to ~1e-12 and the tails beyond 5 sigma hold ~6e-7 of the mass, so 1e-5
+  # relative. sigma^2 = 0.017 is 1e-3 of m2, so a density without (or with a wrong)
+  # broadening fails.
+  mu1, mu2, mu3 = node_moments
+  expected = [mu1, mu2 + sigma ** 2, mu3 + 3 * sigma ** 2 * mu1]
+  for p, e in enumerate(expected, start=1):
+    np.testing.assert_allclose(np.trapezoid(grid ** p * density, grid), e, rtol=1e-5,
+                               err_msg=str(p))
+
+
+# ---------------------------------------------------------------------------------------
+# Adam's preconditioned sharpness
+# ---------------------------------------------------------------------------------------
+def test_preconditioned_sharpness_matches_eigh(x64):
+  loss, params, h = _mlp_problem(seed=10)
+  rs = np.random.RandomState(11)
+  # Second moments over four orders of magnitude, so P reorders the spectrum.
+  nu = jax.tree.map(lambda x: jnp.asarray(10.0 ** rs.uniform(-6, -2, x.shape)), params)
+  count, b1, b2, eps, lr = 7, 0.9, 0.999, 1e-8, 1e-4
+  pre = curvature.adam_preconditioner(nu, jnp.asarray(count), b1, b2, eps, lr)
+  sharpness = jax.jit(lambda p, rng: curvature.preconditioned_sharpness(
+      loss, params, p, rng, num_iters=32))(pre.diagonal, jax.random.key(33))
+  # Reference: numpy's eigh of P^-1/2 H P^-1/2 with P = sqrt(nu / (1 - b2^count)) + eps built
+  # here. 32 Lanczos steps on 32 parameters span everything, so the Ritz value is the top
+  # eigenvalue up to float64 rounding (scaled by a condition number ~1e4 from P): 1e-9.
+  p_diag = np.sqrt(np.asarray(ravel_pytree(nu)[0]) / (1 - b2 ** count)) + eps
+  scaled = h / np.sqrt(np.outer(p_diag, p_diag))
+  np.testing.assert_allclose(sharpness, np.linalg.eigvalsh(scaled)[-1], rtol=1e-9)
+  assert abs(np.linalg.eigvalsh(scaled)[-1] - np.linalg.eigvalsh(h)[-1] / p_diag.min()) > 1
+  # 2 (1 + b1) / ((1 - b1) lr) = 38 / lr for b1 = 0.9.
+  np.testing.assert_allclose(pre.threshold, 38.0 / lr, rtol=1e-6)
+
+
+def test_adam_preconditioner_reads_optax_state():
+  optax = pytest.importorskip("optax")
+  b1, b2, eps = 0.9, 0.99, 1e-8
+  tx = optax.adam(1e-3, b1=b1, b2=b2, eps=eps)
+  params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+  state = tx.init(params)
+  rs = np.random.RandomState(12)
+  grads = [jax.tree.map(lambda x: jnp.asarray(rs.randn(*x.shape), jnp.float32), params)
+           for _ in range(3)]
+  for g in grads:
+    _, state = tx.update(g, state, params)
+  adam_state = state[0]
+  pre = curvature.adam_preconditioner(adam_state.nu, adam_state.count, b1, b2, eps, 1e-3)
+  # Reference: Adam's bias-corrected second moment after 3 updates, written out:
+  # nu_3 = (1 - b2) sum_k b2^(3 - k) g_k^2 and v_hat = nu_3 / (1 - b2^3), float32 rounding.
+  for name in params:
+    nu = sum((1 - b2) * b2 ** (3 - k) * np.square(np.asarray(g[name]))
+             for k, g in enumerate(grads, start=1))
+    np.testing.assert_allclose(pre.diagonal[name], np.sqrt(nu / (1 - b2 ** 3)) + eps, rtol=1e-5)
+  # Before any update count is 0 and v_hat is 0: P = eps, finite.
+  fresh = curvature.adam_preconditioner(tx.init(params)[0].nu, 0, b1, b2, eps, 1e-3)
+  np.testing.assert_allclose(fresh.diagonal["a"], eps)
+
+
+# ---------------------------------------------------------------------------------------
+# The whole measurement: chunking, memory planning, separate pieces
+# ---------------------------------------------------------------------------------------
+def _toy_blocks():
+  """The toy's leaves b, s, w split two ways; s alone as a "scale-invariant" group."""
+  return curvature.ParamBlocks(
+      num_leaves=3,
+      blocks={"stage/bias": (0, 1), "stage/kernel": (2,), "kind/all": (0, 1, 2),
+              "gn_fed/s": (1,)},
+      scale_invariant={"gn_fed/s": ((1,),)})
+
+
+def _full_toy_measurement(chunk_size, num_probes=4):
+  schedule, batch, params, _ = _toy_setup()
+  weights = diffusion.loss_weight(schedule, "minsnr", gamma=1.0)
+  fn = curvature.get_curvature_fn(
+      None, weights, NUM_TIMESTEPS, num_probes=num_probes, objective="both", t_bands=2,
+      chunk_size=chunk_size, top_eig_iters=4, blocks=_toy_blocks(),
+      residual_fn=_toy_residual(schedule), precond_iters=5)
+  nu = jax.tree.map(lambda x: jnp.full(x.shape, 1e-4, x.dtype) + 1e-5 * x ** 2, params)
+  pre = curvature.adam_preconditioner(nu, 10, 0.9, 0.999, 1e-8, 2e-4)
+  return fn, (params, batch, jax.random.key(34), pre)
+
+
+@pytest.fixture(scope="module")
+def full_toy_reference():
+  """The toy's full measurement with every option, all probes at once (float64)."""
+  with jax.enable_x64(True):
+    fn, args = _full_toy_measurement(None)
+    yield jax.device_get(fn(*args))
+
+
+@pytest.mark.slow
+def test_measurement_does_not_depend_on_chunking(x64, full_toy_reference):
+  reference = full_toy_reference
+  expected_new = {f"{p}{k}" for p in ("curvature/", "curvature/ref/") for k in (
+      "ggn_trace_mean", "ggn_trace_stderr", "trace_per_param", "precond_sharpness",
+      "precond_threshold", "block/gn_fed/s/normalized_trace",
+      "block/gn_fed/s/normalized_trace_stderr")}
+  expected_new |= {f"curvature/param_norm/{b}" for b in _toy_blocks().blocks}
+  expected_new |= {f"{p}block/{b}/hutch_trace_{s}" for p in ("curvature/", "curvature/ref/")
+                   for b in _toy_blocks().blocks for s in ("mean", "stderr")}
+  assert expected_new <= set(reference)
+  for chunk in (1, 2):
+    fn, args = _full_toy_measurement(chunk)
+    got = fn(*args)
+    assert set(got) == set(reference)
+    # Same rng -> same probe vectors, whatever the chunking; only float64 summation order
+    # differs, ~1e-15 relative, so 1e-10 is generous.
+    for key, value in reference.items():
+      np.testing.assert_allclose(got[key], value, rtol=1e-10, atol=1e-14, err_msg=key)
+
+
+@pytest.mark.slow
+def test_separate_pieces_reproduce_the_combined_measurement(x64, full_toy_reference):
+  schedule, _, _, _ = _toy_setup()
+  weights = diffusion.loss_weight(schedule, "minsnr", gamma=1.0)
+  _, args = _full_toy_measurement(None)
+  residual = _toy_residual(schedule)
+  ggn = curvature.get_ggn_trace_fn(residual, weights, NUM_TIMESTEPS, num_probes=4)(*args[:3])
+  precond = curvature.get_precond_sharpness_fn(None, weights, NUM_TIMESTEPS, num_iters=5,
+                                               residual_fn=residual)(*args)
+  # The same keys from the same rng: identical computations, so equal to float64 rounding.
+  for key, value in {**ggn, **precond}.items():
+    np.testing.assert_allclose(value, full_toy_reference[key], rtol=1e-12, err_msg=key)
+  assert len(ggn) == 4 and len(precond) == 4
+
+  density = curvature.get_spectral_density_fn(None, weights, NUM_TIMESTEPS, num_runs=3,
+                                              num_steps=4, num_points=64,
+                                              residual_fn=residual)(*args[:3])
+  assert set(density) == {f"{o}_{a}" for o in ("train", "ref")
+                          for a in ("nodes", "weights", "grid", "density", "sigma")}
+  assert density["train_nodes"].shape == (3, 4) and density["ref_density"].shape == (64,)
+  # Each run's Gauss weights sum to 1 (float64 rounding).
+  np.testing.assert_allclose(density["ref_weights"].sum(axis=1), 1.0, rtol=1e-12)
+
+
+class _FakeProgram:
+  """Stands in for build(c): .lower(*args).compile().memory_analysis() of a given size."""
+
+  def __init__(self, size, compiles):
+    self.size, self.compiles = size, compiles
+
+  def lower(self, *args):
+    del args
+    return self
+
+  def compile(self):
+    self.compiles.append(self.size)
+    return self
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(temp_size_in_bytes=self.size, argument_size_in_bytes=10,
+                                 output_size_in_bytes=5, alias_size_in_bytes=5)
+
+
+@pytest.mark.parametrize("num_probes", [1, 12, 16, 7])
+def test_plan_chunk_size_bisects_to_the_largest_chunk_that_fits(num_probes):
+  size = lambda chunk: 1000 + 100 * chunk  # + 10 argument + 5 output - 5 aliased bytes
+  divisors = [c for c in range(1, num_probes + 1) if num_probes % c == 0]
+  for budget in range(900, size(num_probes) + 200, 50):
+    compiles = []
+    plan = curvature.plan_chunk_size(lambda c: _FakeProgram(size(c), compiles), (),
+                                     num_probes, budget)
+    # Reference: the largest divisor whose plan fits, by exhaustive search; chunk 1 when
+    # none does (its plan then exceeds the budget, for the caller to report).
+    fitting = [c for c in divisors if size(c) + 10 <= budget]
+    assert plan.chunk_size == (max(fitting) if fitting else 1), budget
+    assert plan.planned_bytes == size(plan.chunk_size) + 10
+    # Largest first, then bisection: 1 compile when everything fits, else at most
+    # 2 + ceil(log2(number of divisors)).
+    limit = 1 if size(num_probes) + 10 <= budget else 2 + math.ceil(math.log2(len(divisors)))
+    assert len(compiles) <= limit, (budget, compiles)
+
+
+@pytest.mark.slow
+def test_plan_chunk_size_reads_xla_memory_analysis():
+  loss, params, _ = _mlp_problem(width=64)
+  num_probes = 16
+
+  def build(chunk):
+    return jax.jit(lambda p, rng: curvature.hutchinson(loss, p, rng, num_probes,
+                                                       chunk_size=chunk)["mean"])
+
+  args = (params, jax.random.key(35))
+  whole = build(num_probes).lower(*args).compile()
+  # Every probe vmapped at once plans more memory than one at a time (tangents are linear
+  # in the probes), so a budget just under the whole program forces a smaller chunk.
+  plan = curvature.plan_chunk_size(build, args, num_probes, curvature.planned_bytes(whole) - 1)
+  assert plan.chunk_size < num_probes
+  assert plan.planned_bytes < curvature.planned_bytes(whole)
+  # The planned program is the measurement: same probes, so the same trace up to float32
+  # summation order.
+  np.testing.assert_allclose(plan.compiled(*args), whole(*args), rtol=1e-5)
+
+
+def test_new_measurements_reject_bad_arguments():
+  _, batch, params, per_example = _toy_setup()
+  with pytest.raises(ValueError, match="hutchinson"):
+    curvature.get_curvature_fn(per_example, np.ones(NUM_TIMESTEPS), NUM_TIMESTEPS,
+                               estimator="hutch++", blocks=_toy_blocks())
+  with pytest.raises(ValueError, match="per_example_loss_fn or residual_fn"):
+    curvature.get_curvature_fn(None, np.ones(NUM_TIMESTEPS), NUM_TIMESTEPS)
+  fn = curvature.get_curvature_fn(per_example, np.ones(NUM_TIMESTEPS), NUM_TIMESTEPS,
+                                  num_probes=2, precond_iters=2)
+  with pytest.raises(ValueError, match="AdamPreconditioner"):
+    fn(params, batch, jax.random.key(0))
+  with pytest.raises(ValueError, match="leaves"):
+    curvature.block_traces(jnp.zeros((2, 5)), params, _toy_blocks())

@@ -92,10 +92,22 @@ def get_config() -> ml_collections.ConfigDict:
       # Which parameters are measured: "raw" (curvature/...), "ema" (curvature/ema/...) or both.
       # FID is of the EMA params, so curvature-FID pairs need "ema" or "both".
       params="raw",
-      chunk_size=0,            # probes per vmapped chunk; 0 = all at once
+      chunk_size=0,            # probes per vmapped chunk; 0 = as many as fit max_memory_gb
+      # chunk_size=0's budget in GiB against XLA's plan: a T4 shows 15 GiB, JAX takes 75%
+      # (11.25 GiB), and the train state and data stay resident beside the probe.
+      max_memory_gb=10.0,
       t_bands=0,               # > 0: also the trace restricted to that many equal t-bands
       top_eig_every_steps=0,   # 0 = off; a multiple of every_steps
       top_eig_iters=20,
+      blocks=False,            # per-block traces (UNet stage, kind), norms, normalised, tr/P
+      ggn=False,               # Gauss-Newton trace on the same probes (one JVP each)
+      precond_every_steps=0,   # Adam's lambda_max(P^-1 H); 0 = off; a multiple of every_steps
+      precond_iters=20,
+      density_every_steps=0,   # SLQ spectral density to curvature_density/; 0 = off; ditto
+      density_runs=4,
+      density_steps=30,
+      density_points=512,
+      density_broadening=0.01,  # Gaussian width as a fraction of the Ritz values' spread
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
