@@ -107,45 +107,90 @@ def _under(prefix: str, metrics: dict) -> dict:
   return {head + prefix + k[len(head):]: v for k, v in metrics.items()}
 
 
+def _timed(fn, *args) -> tuple[dict, float]:
+  """(host result of fn(*args), the seconds it took, synchronised)."""
+  start = time.monotonic()
+  out = jax.device_get(fn(*args))
+  return out, time.monotonic() - start
+
+
 class CurvatureProbe:
-  """Hutchinson (or Hutch++) traces of the loss Hessian at the raw and/or EMA params.
+  """Curvature of the loss at the raw and/or EMA params, from Hessian-vector products.
 
   Each measurement freezes one operator: the run's fixed probe batch (or the step's train
   batch), no dropout, float32. Raw and EMA parameters are measured with the same probe
   vectors (common random numbers), so their difference carries no probe noise of its own.
+
+  At every curvature step: Hutchinson traces of the train and/or reference objective, with
+  per-block traces, parameter norms and tr/P (`curvature.blocks`), and the Gauss-Newton trace
+  on the same probes (`curvature.ggn`, its own program). Less often: Adam's preconditioned
+  sharpness of the raw params (`precond_every_steps`) and the SLQ spectral density
+  (`density_every_steps`, saved under curvature_density/). Each measurement's seconds are
+  returned as time/curvature*_seconds, which the loop also gives in train steps.
+
+  `chunk_size=0` vmaps as many probes at once as fit `curvature.max_memory_gb`, chosen from
+  XLA's memory analysis of the compiled measurement (`curvature.plan_chunk_size`); the chunk
+  and its planned memory are logged and returned (curvature/plan/...).
   """
   name = "curvature"
 
   def __init__(self, config):
     self._cc = config.curvature
+    self._train_config = config.train
     self._model_config = config.model
     self._prediction = config.diffusion.prediction
-    self._programs = _Programs(self.name)
-    self._fns = {}
-    self._probe_batches = {}
+    self._programs = {}        # (kind, weights, ...) -> compiled
+    self._probe_batches = {}   # seed -> the fixed probe batch
+    self._chunk = None         # the planned chunk, once the first measurement is compiled
 
   def check(self, config) -> None:
     del config
 
   def setup(self, setup: Setup) -> None:
     self._setup = setup
+    m = self._model_config
     # float32 and no dropout whatever the training precision: every probe sees one function.
-    model = models.get_model(self._model_config, jnp.float32)
+    model = models.get_model(m, jnp.float32)
+    self._residual = objective.get_residual_fn(model, setup.schedule, self._prediction)
     self._loss = objective.get_per_example_loss_fn(model, setup.schedule, self._prediction)
+    self._blocks = None
+    if self._cc.blocks:
+      shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), m.image_size,
+                                                          m.channels))
+      levels = curvature.unet_attention_levels(m.image_size, len(m.channel_mult),
+                                               m.attn_resolutions)
+      self._blocks = curvature.unet_param_blocks(shapes, len(m.channel_mult), m.num_res_blocks,
+                                                 levels)
 
   def due(self, events) -> bool:
     return "curvature" in events
 
-  def _fn(self, weights: np.ndarray, with_eig: bool):
-    key = (weights.tobytes(), with_eig)
-    if key not in self._fns:
-      cc = self._cc
-      loss = lambda p, x0, t, noise: self._loss(p, x0, t, noise)
-      self._fns[key] = curvature.get_curvature_fn(
-          loss, weights, weights.shape[0], num_probes=cc.num_probes, estimator=cc.estimator,
-          objective=cc.objective, t_bands=cc.t_bands, chunk_size=cc.chunk_size or None,
-          top_eig_iters=cc.top_eig_iters if with_eig else 0)
-    return key, self._fns[key]
+  def _compiled(self, key, build, args, result: Result):
+    """The compiled program for `key`; `build(chunk)` makes it. Compile time goes to `result`."""
+    if key in self._programs:
+      return self._programs[key]
+    cc = self._cc
+    start = time.monotonic()
+    if self._chunk is None and not cc.chunk_size:
+      budget = cc.max_memory_gb * 2**30
+      plan = curvature.plan_chunk_size(build, args, cc.num_probes, budget)
+      self._chunk, compiled = plan.chunk_size, plan.compiled
+      log.info("curvature probes in chunks of %d of %d: XLA plans %.2f GiB for the "
+               "measurement (budget curvature.max_memory_gb=%g)", plan.chunk_size,
+               cc.num_probes, plan.planned_bytes / 2**30, cc.max_memory_gb)
+      if plan.planned_bytes > budget:
+        log.warning("even one probe at a time needs %.2f GiB, above curvature.max_memory_gb="
+                    "%g; lower curvature.batch_size", plan.planned_bytes / 2**30,
+                    cc.max_memory_gb)
+      result.scalars["curvature/plan/chunk_size"] = plan.chunk_size
+      result.scalars["curvature/plan/planned_gib"] = plan.planned_bytes / 2**30
+    else:
+      compiled = build(self._chunk or cc.chunk_size).lower(*args).compile()
+    took = time.monotonic() - start
+    result.compile_seconds["curvature"] = result.compile_seconds.get("curvature", 0.0) + took
+    log.info("compiled the curvature %s program in %.1f s", key[0], took)
+    self._programs[key] = compiled
+    return compiled
 
   def _probe_batch(self, state, step, run: RunInfo):
     c = run.config
@@ -160,24 +205,77 @@ class CurvatureProbe:
           c.diffusion.num_timesteps)
     return self._probe_batches[c.seed]
 
+  def _preconditioner(self, state, run: RunInfo) -> curvature.AdamPreconditioner:
+    """Adam's preconditioner after the last update, at the learning rate that update used."""
+    tc = run.config.train
+    _, nu, count = objective.adam_moments(state.opt_state)
+    rate = state.opt_state.hyperparams["learning_rate"]
+    if tc.warmup_steps > 0:   # the last update was number count - 1 of the warm-up
+      rate = rate * jnp.minimum(1.0, (count - 1) / tc.warmup_steps)
+    return curvature.adam_preconditioner(nu, count, tc.adam_b1, tc.adam_b2, tc.adam_eps, rate)
+
   def __call__(self, state, step: int, events, run: RunInfo) -> Result:
     del events
     cc, c = self._cc, run.config
     weights = np.asarray(diffusion.loss_weight(self._setup.schedule, c.loss.weighting,
                                                c.loss.minsnr_gamma, c.diffusion.prediction))
+    w_key, t_count = weights.tobytes(), weights.shape[0]
+    common = dict(objective=cc.objective)
     with_eig = bool(cc.top_eig_every_steps) and step % cc.top_eig_every_steps == 0
-    key, fn = self._fn(weights, with_eig)
+    with_precond = bool(cc.precond_every_steps) and step % cc.precond_every_steps == 0
+    with_density = bool(cc.density_every_steps) and step % cc.density_every_steps == 0
     batch = self._probe_batch(state, step, run)
     rng = jax.random.fold_in(run.keys["curvature"], step)
     result = Result()
-    start = None
+    seconds = {}
+
+    def add_time(name, took):
+      seconds[name] = seconds.get(name, 0.0) + took
+
     for field, prefix in _MEASURED_PARAMS[cc.params]:
       params = jax.tree.map(lambda a: a.astype(jnp.float32), getattr(state, field))
-      compiled = self._programs.get(key, fn, params, batch, rng, result=result)
-      start = start or time.monotonic()
-      out = jax.device_get(compiled(params, batch, rng))
+      args = (params, batch, rng)
+      traces = self._compiled(
+          ("traces", w_key, with_eig),
+          lambda chunk: curvature.get_curvature_fn(
+              self._loss, weights, t_count, num_probes=cc.num_probes, estimator=cc.estimator,
+              t_bands=cc.t_bands, chunk_size=chunk, blocks=self._blocks,
+              top_eig_iters=cc.top_eig_iters if with_eig else 0, **common), args, result)
+      out, took = _timed(traces, *args)
+      add_time("time/curvature_seconds", took)
+      if cc.ggn:
+        ggn = self._compiled(
+            ("Gauss-Newton", w_key),
+            lambda chunk: curvature.get_ggn_trace_fn(
+                self._residual, weights, t_count, num_probes=cc.num_probes, chunk_size=chunk,
+                **common), args, result)
+        more, took = _timed(ggn, *args)
+        out.update(more)
+        add_time("time/curvature_ggn_seconds", took)
+      if with_precond and field == "params":   # Adam's preconditioner is the raw iterate's
+        precond_args = (*args, self._preconditioner(state, run))
+        precond = self._compiled(
+            ("preconditioned sharpness", w_key),
+            lambda chunk: curvature.get_precond_sharpness_fn(
+                self._loss, weights, t_count, num_iters=cc.precond_iters, **common),
+            precond_args, result)
+        more, took = _timed(precond, *precond_args)
+        out.update(more)
+        add_time("time/curvature_precond_seconds", took)
+      if with_density:
+        density = self._compiled(
+            ("spectral density", w_key),
+            lambda chunk: curvature.get_spectral_density_fn(
+                self._loss, weights, t_count, num_runs=cc.density_runs,
+                num_steps=cc.density_steps, num_points=cc.density_points,
+                broadening=cc.density_broadening, **common), args, result)
+        arrays, took = _timed(density, *args)
+        tag = prefix.replace("/", "_")   # "" or "ema_"
+        result.arrays.setdefault("curvature_density", {}).update(
+            {tag + name: np.asarray(value) for name, value in arrays.items()})
+        add_time("time/curvature_density_seconds", took)
       result.scalars.update(_under(prefix, {k: float(v) for k, v in out.items()}))
-    result.scalars["time/curvature_seconds"] = time.monotonic() - start
+    result.scalars.update(seconds)
     return result
 
 

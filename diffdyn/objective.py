@@ -63,20 +63,32 @@ def draw_batch(keys: StepKeys, images: jax.Array, batch_size: int, num_timesteps
   return Batch(x0, t, noise)
 
 
-def get_per_example_loss_fn(model, schedule: diffusion.Schedule, prediction: str) -> Callable:
-  """(params, x0, t, noise, dropout_rng=None) -> (B,) unweighted MSE of the prediction target.
+def get_residual_fn(model, schedule: diffusion.Schedule, prediction: str) -> Callable:
+  """(params, x0, t, noise, dropout_rng=None) -> (B, ...) float32 prediction minus its target.
 
-  With `dropout_rng` None the network runs deterministically (evaluation mode), as the
-  curvature probes need.
+  The per-example loss is the mean square of this residual; the curvature probes' Gauss-Newton
+  trace differentiates it. With `dropout_rng` None the network runs deterministically
+  (evaluation mode), as the curvature probes need.
   """
 
-  def per_example_loss(params, x0, t, noise, dropout_rng=None):
+  def residual(params, x0, t, noise, dropout_rng=None):
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     train = dropout_rng is not None
     rngs = {"dropout": dropout_rng} if train else {}
     out = model.apply({"params": params}, x_t, t, train=train, rngs=rngs)
     target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
-    return diffusion.per_example_mse(out, target)
+    return out.astype(jnp.float32) - target.astype(jnp.float32)
+
+  return residual
+
+
+def get_per_example_loss_fn(model, schedule: diffusion.Schedule, prediction: str) -> Callable:
+  """(params, x0, t, noise, dropout_rng=None) -> (B,) unweighted MSE of the prediction target."""
+  residual = get_residual_fn(model, schedule, prediction)
+
+  def per_example_loss(params, x0, t, noise, dropout_rng=None):
+    r = residual(params, x0, t, noise, dropout_rng)
+    return jnp.square(r).reshape(r.shape[0], -1).mean(axis=1)
 
   return per_example_loss
 

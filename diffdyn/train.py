@@ -629,6 +629,8 @@ def _event_loop(config, run: _Run, stop: StopRequest, clock: io.Clock,
           result = handler(view, step, events, run.infos[i])
         for program_name, seconds in result.compile_seconds.items():
           clock.compiled(program_name, seconds, phase=name)
+        if train_seconds > 0:
+          _add_costs_in_train_steps(result.scalars, train_seconds / run_steps, name, step)
         with clock.phase("writes"):
           _write_result(run.writers[i], replicas.run_dirs[i], step, result)
         final[i].update(result.scalars)
@@ -643,6 +645,18 @@ def _event_loop(config, run: _Run, stop: StopRequest, clock: io.Clock,
                 stop.signal_name, step)
   log.info("done at step %d: %s", step, clock.summary())
   return _final_metrics(replicas, final, step, stop)
+
+
+def _add_costs_in_train_steps(scalars: dict, step_seconds: float, name: str, step: int) -> None:
+  """time/X_seconds -> also time/X_train_steps: what a measurement costs in train steps."""
+  costs = {}
+  for key, seconds in list(scalars.items()):
+    if key.startswith("time/") and key.endswith("_seconds"):
+      costs[key[len("time/"):-len("_seconds")]] = seconds / step_seconds
+      scalars[key[:-len("_seconds")] + "_train_steps"] = seconds / step_seconds
+  if costs:
+    log.info("%s at step %d cost, in train steps of %.1f ms: %s", name, step, 1e3 * step_seconds,
+             ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
 
 
 def _write_result(writer: io.MetricWriter, run_dir: str, step: int,

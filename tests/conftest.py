@@ -14,6 +14,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+# The suite's one small run: experiments/smoke.py at 8x8 with a one-level UNet, TensorBoard off
+# and the extra curvature measurements off (tests/test_evaluate.py runs the whole smoke config).
+# Test modules share it so that each of its programs compiles once per session: the persistent
+# cache serves every later run of it, launched processes included.
+TINY = {"data.image_size": 8, "model.image_size": 8, "model.channel_mult": (1,),
+        "model.attn_resolutions": (8,), "train.tensorboard": False, "curvature.blocks": False,
+        "curvature.ggn": False, "curvature.precond_every_steps": 0,
+        "curvature.density_every_steps": 0}
+
+
+def tiny_config(**overrides):
+  """experiments/smoke.py with TINY and then `overrides` ({"section.key": value}) applied."""
+  from experiments import smoke  # pylint: disable=import-outside-toplevel
+  config = smoke.get_config()
+  for key, value in {**TINY, **overrides}.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def tiny_flags(**overrides):
+  """The same run as launch.py's flags."""
+  return ["--config", "experiments/smoke.py",
+          *(f"--config.{k}={v!r}".replace(" ", "") if isinstance(v, tuple)
+            else f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items())]
+
+
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: kills, multi-device runs and long samplers; `pytest -m 'not slow'` skips "

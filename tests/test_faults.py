@@ -35,20 +35,17 @@ from conftest import assert_one_line_error
 from conftest import one_error_line
 from conftest import run_launch
 from conftest import snapshot
+from conftest import tiny_config
+from conftest import tiny_flags
 from diffdyn import io
 from diffdyn import sweep
 from diffdyn import train
 from diffdyn.fid import weights as fid_weights
-from experiments import smoke
 
-# The smoke config shrunk to 8x8 images and a one-level UNet, without TensorBoard: each of the
-# suite's ~40 launches traces and loads every program anew (a smaller network makes that
-# cheaper) and would import TensorFlow (seconds). No fault path depends on the network's shape,
-# and the metrics of record are metrics.jsonl's.
-TINY = {"data.image_size": 8, "model.image_size": 8, "model.channel_mult": (1,),
-        "model.attn_resolutions": (8,), "train.tensorboard": False}
-SMOKE = ["--config", "experiments/smoke.py",
-         *(f"--config.{key}={value}".replace(" ", "") for key, value in TINY.items())]
+# The suite's tiny run (conftest.TINY): every launch traces and loads each program anew, which a
+# small network makes cheap. No fault path depends on the network's shape, and the metrics of
+# record are metrics.jsonl's.
+SMOKE = tiny_flags()
 LAUNCH_TIMEOUT = 600
 
 
@@ -474,14 +471,8 @@ CHEAP_ARGS = ["--config.curvature.enabled=False"]
 
 
 def cheap_config(**train_overrides):
-  config = smoke.get_config()
-  for key, value in TINY.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  config.curvature.enabled = False
-  for key, value in train_overrides.items():
-    config.train[key] = value
-  return config
+  return tiny_config(**{"curvature.enabled": False,
+                        **{f"train.{k}": v for k, v in train_overrides.items()}})
 
 
 @pytest.fixture(scope="module")

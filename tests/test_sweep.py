@@ -14,25 +14,21 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from conftest import ROOT
 from conftest import run_launch
 from diffdyn import sweep
 from diffdyn import train
 from diffdyn.analysis import runs as runs_lib
 from diffdyn.errors import UserError
-from experiments import smoke
+from diffdyn.configs import smoke as smoke_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# The tiny run, as --config.* overrides of experiments/smoke.py (launch tests use them as flags).
-TINY = {
-    "data.image_size": 8, "model.image_size": 8, "data.synthetic_num_images": 64,
-    "model.channel_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
-    "loss.weighting": "minsnr", "train.total_steps": 4, "train.log_every_steps": 2,
-    "train.checkpoint_every_steps": 2, "curvature.enabled": False, "curvature.every_steps": 2,
-    "curvature.num_probes": 2, "curvature.batch_size": 2, "curvature.objective": "train",
-    "eval.fid_every_steps": 4, "eval.grid_num_samples": 2, "eval.grid_nfe": 2,
-    "eval.sample_batch_size": 2, "train.tensorboard": False,
-}
+# The suite's tiny run with a Min-SNR weighting (so that gamma variants differ), 4 steps, and
+# every event at steps 2 and 4.
+SWEEP_RUN = {"loss.weighting": "minsnr", "train.total_steps": 4, "train.log_every_steps": 2,
+             "train.checkpoint_every_steps": 2, "curvature.enabled": False,
+             "curvature.every_steps": 2, "eval.fid_every_steps": 4}
 # Replicate i of a sweep runs batched convolutions where the single run runs unbatched ones;
 # XLA may round those differently, so losses are held to float32 rounding over a few steps
 # (they come out bitwise equal on the CPU today).
@@ -40,17 +36,17 @@ RTOL = 1e-5
 
 
 def tiny_config(**overrides):
-  config = smoke.get_config()
-  for key, value in {**TINY, **overrides}.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return conftest.tiny_config(**{**SWEEP_RUN, **overrides})
 
 
 def tiny_flags(**overrides):
-  return ["--config", "experiments/smoke.py",
-          *(f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-            for k, v in {**TINY, **overrides}.items())]
+  return conftest.tiny_flags(**{**SWEEP_RUN, **overrides})
+
+
+def _flat(config):
+  """{"section.key": value} of a two-level config."""
+  return {f"{section}.{key}": value for section, fields in config.items()
+          if hasattr(fields, "items") for key, value in fields.items()}
 
 
 def read_metrics(run_dir):
@@ -226,22 +222,25 @@ def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
 def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_dir):
   """train.train_and_evaluate on experiments/e5e6_sweep.py writes the replicates launch.py does."""
   from experiments import e5e6_sweep  # pylint: disable=import-outside-toplevel
-  overrides = {**TINY, "sweep.seeds": 2, "curvature.enabled": False, "fid.enabled": False,
+  overrides = {**conftest.TINY, **SWEEP_RUN, "sweep.seeds": 2, "fid.enabled": False,
                "data.name": "synthetic"}
-  config = e5e6_sweep.get_config()
+  config = smoke_lib.smoke_size(e5e6_sweep.get_config())
   for key, value in overrides.items():
     section, field = key.split(".")
     config[section][field] = value
+  smoke_sizes = _flat(smoke_lib.smoke_size(e5e6_sweep.get_config()))
   in_process = str(tmp_path / "notebook")
   final = train.train_and_evaluate(config, in_process)
   names = [f"e56_{w}_seed{s}" for w in ("constant", "minsnr") for s in (1077, 1078)]
   assert sorted(n for n in os.listdir(in_process) if n.startswith("e56_")) == names
   assert final["step"] == 4 and f"train/loss[{names[0]}]" in final
   launched = str(tmp_path / "launched")
-  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-           for k, v in overrides.items()]
-  proc = run_launch(["--config", "experiments/e5e6_sweep.py", *flags, f"--workdir={launched}"],
-                    cache_dir)
+  flags = [f"--config.{k}={v!r}".replace(" ", "") if isinstance(v, tuple)
+           else f"--config.{k}={v}" for k, v in overrides.items()]
+  shrunk = [f"--config.{k}={v!r}".replace(" ", "") if isinstance(v, tuple) else f"--config.{k}={v}"
+            for k, v in smoke_sizes.items() if k not in overrides]
+  proc = run_launch(["--config", "experiments/e5e6_sweep.py", *shrunk, *flags,
+                     f"--workdir={launched}"], cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in names:
     # The same program on the same inputs in two processes: equal to the bit.

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import run_launch
 from conftest import snapshot
+from conftest import tiny_config
+from conftest import tiny_flags
 from diffdyn import data as data_lib
 from diffdyn import io
 from diffdyn import objective
@@ -17,7 +19,7 @@ from diffdyn import train
 from diffdyn.errors import RunFailed, UserError
 from experiments import smoke
 
-SMOKE = ["--config", "experiments/smoke.py", "--config.train.tensorboard=False"]
+SMOKE = tiny_flags()
 
 
 def read_metrics(workdir):
@@ -31,15 +33,6 @@ def read_metrics(workdir):
       assert not set(record) & set(merged), f"a key written twice at one step: {record}"
       merged.update({k: v for k, v in record.items() if not k.startswith("time/")})
   return rows
-
-
-def smoke_config(**overrides):
-  config = smoke.get_config()
-  config.train.tensorboard = False
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
 
 
 def tiny_program(config):
@@ -62,12 +55,12 @@ def test_every_random_stream_has_its_own_key():
 
 
 def test_train_step_is_pure_and_updates_ema():
-  config = smoke_config()
+  config = tiny_config()
   program = tiny_program(config)
   step_fn = jax.jit(train.get_step_fn(
       program.model, program.schedule, program.tx, prediction="eps", batch_size=4,
       random_flip=True, ema_warmup=False, skip_nonfinite=False))
-  images = jax.numpy.asarray(data_lib.synthetic_images(16, 16, 0))
+  images = jax.numpy.asarray(data_lib.synthetic_images(16, 8, 0))
   s0 = program.init_state()
   a, b = step_fn(s0, images, program.hyperparams), step_fn(s0, images, program.hyperparams)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -96,10 +89,10 @@ def test_ema_warmup_follows_its_formula_and_keeps_less_of_the_init():
 
 
 def test_scan_and_loop_runners_take_the_same_steps():
-  config = smoke_config()
+  config = tiny_config()
   results = {}
   for kind in train.CHUNK_RUNNERS:
-    program = tiny_program(smoke_config(**{"train.chunk_runner": kind}))
+    program = tiny_program(tiny_config(**{"train.chunk_runner": kind}))
     assert program.runner.kind == kind
     images = jax.device_put(data_lib.load_images(config.data))
     state = program.runner(program.init_state(), images, program.hyperparams, 3)
@@ -137,7 +130,7 @@ def test_events_never_cross_a_chunk():
 def straight_run(tmp_path_factory, cache_dir):
   del cache_dir
   workdir = str(tmp_path_factory.mktemp("straight") / "run")
-  final = train.train_and_evaluate(smoke_config(), workdir)
+  final = train.train_and_evaluate(tiny_config(), workdir)
   assert final["step"] == 40
   return workdir
 
@@ -161,7 +154,7 @@ def test_resume_in_a_fresh_process_replays_exactly(straight_run, tmp_path, cache
   workdir = str(tmp_path / "resumed")
   first = run_launch([*SMOKE, f"--workdir={workdir}", "--config.train.total_steps=20"], cache_dir)
   assert first.returncode == 0, first.stderr[-3000:]
-  final = train.train_and_evaluate(smoke_config(), workdir)
+  final = train.train_and_evaluate(tiny_config(), workdir)
   assert final["step"] == 40
   straight, resumed = read_metrics(straight_run), read_metrics(workdir)
   assert sorted(resumed) == sorted(straight)
@@ -172,7 +165,7 @@ def test_resume_in_a_fresh_process_replays_exactly(straight_run, tmp_path, cache
 
 def test_curvature_does_not_change_the_trajectory(straight_run, tmp_path):
   workdir = str(tmp_path / "no_curvature")
-  train.train_and_evaluate(smoke_config(**{"curvature.enabled": False}), workdir)
+  train.train_and_evaluate(tiny_config(**{"curvature.enabled": False}), workdir)
   without, with_curv = read_metrics(workdir), read_metrics(straight_run)
   assert [without[s]["train/loss"] for s in sorted(without)] == [
       with_curv[s]["train/loss"] for s in sorted(with_curv)]
@@ -180,7 +173,7 @@ def test_curvature_does_not_change_the_trajectory(straight_run, tmp_path):
 
 def test_ema_curvature_is_measured_beside_the_raw_with_the_same_probes(tmp_path):
   workdir = str(tmp_path / "both")
-  train.train_and_evaluate(smoke_config(**{"curvature.params": "both",
+  train.train_and_evaluate(tiny_config(**{"curvature.params": "both",
                                            "train.total_steps": 10}), workdir)
   row = read_metrics(workdir)[10]
   raw, ema = row["curvature/hutch_trace_mean"], row["curvature/ema/hutch_trace_mean"]
@@ -192,18 +185,18 @@ def test_ema_curvature_is_measured_beside_the_raw_with_the_same_probes(tmp_path)
 
 def test_config_change_on_resume_is_refused(straight_run):
   with pytest.raises(UserError, match=r"loss.weighting: 'constant' -> 'minsnr'"):
-    train.train_and_evaluate(smoke_config(**{"loss.weighting": "minsnr"}), straight_run)
+    train.train_and_evaluate(tiny_config(**{"loss.weighting": "minsnr"}), straight_run)
 
 
 def test_a_new_learning_rate_on_resume_is_used_and_logged(straight_run, tmp_path, caplog):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(smoke_config(**{"train.total_steps": 20}), workdir)
+  train.train_and_evaluate(tiny_config(**{"train.total_steps": 20}), workdir)
   with caplog.at_level("WARNING", logger="diffdyn"):
-    train.train_and_evaluate(smoke_config(**{"train.learning_rate": 1e-3}), workdir,
+    train.train_and_evaluate(tiny_config(**{"train.learning_rate": 1e-3}), workdir,
                              allow_config_change=True)
   assert any("train.learning_rate: 0.0001 -> 0.001" in r.getMessage() for r in caplog.records)
   ckpts = io.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
-  program = tiny_program(smoke_config())
+  program = tiny_program(tiny_config())
   state, _, step = ckpts.restore_latest(program.abstract_state())
   ckpts.close()
   assert step == 40
@@ -221,7 +214,7 @@ def test_a_new_learning_rate_on_resume_is_used_and_logged(straight_run, tmp_path
 def short_run(tmp_path_factory):
   """20 steps without curvature: the run the restore tests resume, change or damage."""
   workdir = str(tmp_path_factory.mktemp("short") / "run")
-  train.train_and_evaluate(smoke_config(**{"curvature.enabled": False,
+  train.train_and_evaluate(tiny_config(**{"curvature.enabled": False,
                                            "train.total_steps": 20}), workdir)
   return workdir
 
@@ -266,7 +259,7 @@ def test_a_state_with_another_field_is_refused_without_any_config_change(short_r
                             grad_norm_ema=jax.numpy.zeros(()))
 
   monkeypatch.setattr(train, "create_train_state", create_with_a_field)
-  config = smoke_config(**{"curvature.enabled": False, "train.total_steps": 20})
+  config = tiny_config(**{"curvature.enabled": False, "train.total_steps": 20})
   with pytest.raises(UserError, match=r"grad_norm_ema.*new --workdir"):
     train.train_and_evaluate(config, workdir)
   assert snapshot(workdir) == before
@@ -282,7 +275,7 @@ def test_an_unreadable_checkpoint_is_reported_and_nothing_is_moved(short_run, tm
     raise PermissionError(13, "Permission denied", os.path.join(workdir, "checkpoints", "20"))
 
   monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
-  config = smoke_config(**{"curvature.enabled": False, "train.total_steps": 20})
+  config = tiny_config(**{"curvature.enabled": False, "train.total_steps": 20})
   with pytest.raises(io.CheckpointReadError, match=r"step 20.*Permission denied.*nothing was"):
     train.train_and_evaluate(config, workdir)
   assert snapshot(workdir) == before
@@ -295,7 +288,7 @@ def test_when_no_checkpoint_restores_the_run_stops_and_changes_nothing(short_run
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"\0garbage")
   before = snapshot(workdir)
-  config = smoke_config(**{"curvature.enabled": False, "train.total_steps": 20})
+  config = tiny_config(**{"curvature.enabled": False, "train.total_steps": 20})
   with pytest.raises(RunFailed, match=r"no checkpoint .* restores.*nothing was changed"):
     train.train_and_evaluate(config, workdir)
   assert snapshot(workdir) == before

@@ -13,4 +13,8 @@ def get_config():
   config.curvature.enabled = True
   config.curvature.objective = "both"
   config.curvature.params = "both"   # EMA curvature pairs with FID, which samples the EMA
+  config.curvature.blocks = True
+  config.curvature.ggn = True
+  config.curvature.precond_every_steps = 1000
+  config.curvature.density_every_steps = 1000
   return config

@@ -50,5 +50,15 @@ def get_config():
   config.name = "smoke"
   config.curvature.enabled = True
   config.curvature.objective = "both"
+  # Every curvature measurement, at smoke size: per-block traces and the Gauss-Newton trace at
+  # each measurement, Adam's preconditioned sharpness and the spectral density at two.
+  config.curvature.blocks = True
+  config.curvature.ggn = True
+  config.curvature.precond_every_steps = 20
+  config.curvature.precond_iters = 5
+  config.curvature.density_every_steps = 20
+  config.curvature.density_runs = 2
+  config.curvature.density_steps = 8
+  config.curvature.density_points = 128
   config.fid.enabled = False
   return config
