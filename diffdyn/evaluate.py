@@ -130,7 +130,8 @@ class CurvatureProbe:
 
   `chunk_size=0` vmaps as many probes at once as fit `curvature.max_memory_gb`, chosen from
   XLA's memory analysis of the compiled measurement (`curvature.plan_chunk_size`); the chunk
-  and its planned memory are logged and returned (curvature/plan/...).
+  and its planned memory are logged and returned (time/curvature_plan/..., with the timings:
+  they describe this machine and process, not the run).
   """
   name = "curvature"
 
@@ -182,8 +183,8 @@ class CurvatureProbe:
         log.warning("even one probe at a time needs %.2f GiB, above curvature.max_memory_gb="
                     "%g; lower curvature.batch_size", plan.planned_bytes / 2**30,
                     cc.max_memory_gb)
-      result.scalars["curvature/plan/chunk_size"] = plan.chunk_size
-      result.scalars["curvature/plan/planned_gib"] = plan.planned_bytes / 2**30
+      result.scalars["time/curvature_plan/chunk_size"] = plan.chunk_size
+      result.scalars["time/curvature_plan/planned_gib"] = plan.planned_bytes / 2**30
     else:
       compiled = build(self._chunk or cc.chunk_size).lower(*args).compile()
     took = time.monotonic() - start

@@ -81,8 +81,8 @@ def test_costs_and_the_probe_plan_are_logged(smoke_run):
   for key in ("time/curvature_precond_train_steps", "time/curvature_density_train_steps"):
     assert rows[20][key] > 0
   # chunk_size=0 plans the chunk: all 4 smoke probes fit the 10 GiB default at once.
-  assert rows[10]["curvature/plan/chunk_size"] == config.curvature.num_probes
-  assert 0 < rows[10]["curvature/plan/planned_gib"] < config.curvature.max_memory_gb
+  assert rows[10]["time/curvature_plan/chunk_size"] == config.curvature.num_probes
+  assert 0 < rows[10]["time/curvature_plan/planned_gib"] < config.curvature.max_memory_gb
 
 
 def test_grids_of_both_parameter_sets_are_upscaled(smoke_run):
