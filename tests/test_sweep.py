@@ -170,7 +170,7 @@ def test_each_replicate_is_a_run_of_its_own(seed_sweep):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert json.load(open(os.path.join(workdir, "config.json")))["sweep"]["seeds"] == 2
   # One compiled curvature measurement serves both replicates (they share the loss weights).
-  assert sum("compiled the curvature program" in m for m in messages) == 1
+  assert sum("compiled the curvature traces program" in m for m in messages) == 1
 
 
 def test_a_resumed_sweep_continues_exactly(seed_sweep, tmp_path):
