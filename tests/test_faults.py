@@ -694,13 +694,22 @@ def test_a_second_launch_on_a_busy_workdir_exits_2_naming_the_holder(when, cheap
   workdir = str(tmp_path / "run")
   args = [*SMOKE, *CHEAP_ARGS, "--log_level=debug", f"--workdir={workdir}"]
   first = _start(args, cache_dir)
-  if when == "staggered":   # the second comes once the first is well into its run
+  if when == "staggered":
+    # The second comes once the first is well into its run, and finds it still there: the
+    # first is paused (SIGSTOP, holding its lock) until the second has been refused.
     for line in first.stderr:
       if "saved checkpoint at step 20" in line:
         break
-  second = _start(args, cache_dir)
+    first.send_signal(signal.SIGSTOP)
+    second = _start(args, cache_dir)
+    second_err = second.communicate(timeout=LAUNCH_TIMEOUT)[1]
+    first.send_signal(signal.SIGCONT)
+    stderr = {"first": first.communicate(timeout=LAUNCH_TIMEOUT)[1], "second": second_err}
+  else:
+    second = _start(args, cache_dir)
+    stderr = {name: proc.communicate(timeout=LAUNCH_TIMEOUT)[1]
+              for name, proc in (("first", first), ("second", second))}
   procs = {"first": first, "second": second}
-  stderr = {name: proc.communicate(timeout=LAUNCH_TIMEOUT)[1] for name, proc in procs.items()}
   codes = {name: proc.returncode for name, proc in procs.items()}
   # At once, either may win the lock; staggered, the first holds it.
   winner = "first" if when == "staggered" else min(codes, key=codes.get)
