@@ -1138,3 +1138,243 @@ def test_cli_report_prints_windows_and_writes_files(tmp_path):
   assert "spike window for e6 seed 1077: steps 200-1000" in proc.stdout
   assert (tmp_path / "out" / "report.md").is_file()
   assert (tmp_path / "out" / "criteria.json").is_file()
+
+
+# --------------------------------------------------------------------------- curvature in detail
+
+# Planted per-block shares of the total trace (each partition adds up to 1).
+STAGE_SHARES = {"stem": 0.1, "down0": 0.3, "mid": 0.2, "up0": 0.3, "head": 0.1}
+KIND_SHARES = {"conv": 0.7, "attention": 0.1, "norm": 0.2}
+LR = 1e-4
+THRESHOLD = 38.0 / LR   # 2 (1 + 0.9) / ((1 - 0.9) lr), Adam's stability threshold at b1 = 0.9
+DETAIL_TOTAL = 200
+DENSITY_STEPS = (50, 100, 150, 200)
+
+
+def gaussian(x, mu, sigma):
+  return np.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+
+def planted_density(step):
+  """A two-node density per step: bulk at 0 (weight 0.99) and an outlier at step/10."""
+  nodes = np.array([[0.0, step / 10.0]])
+  weights = np.array([[0.99, 0.01]])
+  sigma = 0.01 * step / 10.0
+  grid = np.linspace(-5 * sigma, step / 10.0 + 5 * sigma, 256)
+  density = (0.99 * gaussian(grid, 0.0, sigma) + 0.01 * gaussian(grid, step / 10.0, sigma))
+  return dict(nodes=nodes, weights=weights, grid=grid, density=density, sigma=np.array(sigma))
+
+
+def curvature_records(hessian=100.0, ggn_fraction=0.6, ema_factor=0.9, sharpness=1000.0,
+                      threshold=None, blocks=True, ggn=True, precond=True, ema=True):
+  """Every curvature key the probe logs, each constant over the steps except the sharpness,
+  which is sharpness * (1 + i) at the i-th precond step (every 50)."""
+  records = []
+  for step in range(10, DETAIL_TOTAL + 1, 10):
+    r = {"step": step, "wall_time": float(step)}
+    params = [("curvature/", hessian)] + ([("curvature/ema/", ema_factor * hessian)] if ema else [])
+    for head, h in params:
+      for prefix in (head, head + "ref/"):
+        r[prefix + "hutch_trace_mean"] = h
+        r[prefix + "hutch_trace_stderr"] = 2.0
+        if ggn:
+          r[prefix + "ggn_trace_mean"] = ggn_fraction * h
+          r[prefix + "ggn_trace_stderr"] = 1.0
+        if blocks:
+          r[prefix + "trace_per_param"] = h / 1000.0
+          for partition, shares in (("stage", STAGE_SHARES), ("kind", KIND_SHARES)):
+            for name, share in shares.items():
+              r[f"{prefix}block/{partition}/{name}/hutch_trace_mean"] = share * h
+              r[f"{prefix}block/{partition}/{name}/hutch_trace_stderr"] = 0.5
+          for stage in ("up0", "up1", "down0"):
+            r[prefix + f"block/gn_fed/{stage}/hutch_trace_mean"] = 0.05 * h
+            r[prefix + f"block/gn_fed/{stage}/normalized_trace"] = 7.0
+            r[prefix + f"block/gn_fed/{stage}/normalized_trace_stderr"] = 0.5
+    if precond and step % 50 == 0:
+      for prefix in ("curvature/", "curvature/ref/"):
+        r[prefix + "precond_sharpness"] = sharpness * step / 50
+        r[prefix + "precond_threshold"] = THRESHOLD if threshold is None else threshold(step)
+    records.append(r)
+  return records
+
+
+def write_curvature_run(root, name, seed, weighting, density=True, **kwargs):
+  config = make_config(name, seed, weighting, total_steps=DETAIL_TOTAL)
+  config["train"].update(learning_rate=LR, adam_b1=0.9)
+  path = write_run(root, f"{name}_seed{seed}", curvature_records(**kwargs), config)
+  if density:
+    (path / "curvature_density").mkdir()
+    for step in DENSITY_STEPS:
+      arrays = {f"{o}_{k}": v for o in ("train", "ref") for k, v in planted_density(step).items()}
+      np.savez(path / "curvature_density" / f"step_{step:06d}.npz", **arrays)
+  return path
+
+
+def curvature_study(root, **kwargs):
+  """E5 (constant) and E6 (Min-SNR) with two shared seeds each, every curvature key logged."""
+  return [write_curvature_run(root, name, seed, weighting, **kwargs)
+          for name, weighting in (("e5", "constant"), ("e6", "minsnr")) for seed in (1077, 1078)]
+
+
+DETAIL_FIGURES = ("blocks_by_stage", "blocks_by_kind", "gn_fed_normalized", "ggn_vs_hessian",
+                  "trace_per_param", "precond_sharpness", "spectral_density", "ema_vs_raw")
+
+
+def test_curvature_detail_figures_render_with_captions(tmp_path):
+  out = tmp_path / "report"
+  text = analysis.write_report(analysis.load_runs(curvature_study(tmp_path / "runs")),
+                               out).read_text()
+  payload = json.loads((out / "criteria.json").read_text())
+  for name in DETAIL_FIGURES:
+    file_name = f"e6_vs_e5_{name}.png"
+    data = (out / file_name).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000, file_name
+    assert f"]({file_name})" in text and file_name in payload["figures"]
+  assert "# Curvature in detail" in text and "## E6 vs E5 (e6 vs e5)" in text
+  for key in ("`curvature/ref/block/stage/<stage>/hutch_trace_mean`", "`curvature/ggn_trace_mean`",
+              "`curvature/precond_threshold`", "`curvature_density/step_XXXXXX.npz`",
+              "`curvature/ema/hutch_trace_mean`", "`curvature/trace_per_param`"):
+    assert key in text, key
+  assert not [n for n in payload["notes"] if "not drawn" in n]
+
+
+def test_curvature_detail_figures_skipped_with_a_note_when_keys_are_absent(tmp_path):
+  paths = curvature_study(tmp_path / "runs", density=False, blocks=False, ggn=False,
+                          precond=False, ema=False)
+  out = tmp_path / "report"
+  text = analysis.write_report(analysis.load_runs(paths), out).read_text()
+  for name in DETAIL_FIGURES:
+    assert not (out / f"e6_vs_e5_{name}.png").exists(), name
+  for reason in ("e6_vs_e5_blocks_by_stage.png (E6 vs E5 (e6 vs e5)) not drawn: no per-block "
+                 "traces logged (curvature.blocks=True)",
+                 "e6_vs_e5_ggn_vs_hessian.png (E6 vs E5 (e6 vs e5)) not drawn: no "
+                 "`curvature/ggn_trace_mean` logged (curvature.ggn=True)",
+                 "not drawn: no `curvature/precond_sharpness` logged",
+                 "not drawn: no curvature_density/*.npz files",
+                 "not drawn: no EMA curvature logged (curvature.params='ema' or 'both')"):
+    assert reason in text, reason
+  # The curvature itself was logged, so the trace figure and the section are still there.
+  assert (out / "curvature_vs_step.png").is_file() and "# Curvature in detail" in text
+
+
+def test_precond_threshold_line_is_the_planted_threshold(tmp_path):
+  paths = curvature_study(tmp_path, density=False)
+  lines = analysis.plots.precond_threshold_lines(groups_of(*paths))
+  assert [name for name, _, _ in lines] == ["e5", "e6"]
+  for _, steps, values in lines:
+    assert steps.tolist() == [50, 100, 150, 200]
+    np.testing.assert_allclose(values, 380_000.0, rtol=1e-12)   # 38 / 1e-4
+  group = groups_of(*paths)[0]
+  assert (analysis.plots._threshold_label(group, lines[0][2])
+          == "stability threshold 38/lr = 3.8e+05")
+
+
+def test_precond_threshold_line_follows_a_warmup(tmp_path):
+  # With a linear warm-up over 100 steps the threshold is 38 / (lr min(1, s / 100)).
+  warm = lambda s: THRESHOLD / min(1.0, s / 100)
+  path = write_curvature_run(tmp_path, "e5", 1, "constant", density=False, threshold=warm)
+  [(_, steps, values)] = analysis.plots.precond_threshold_lines(groups_of(path), "curvature/ref/")
+  np.testing.assert_allclose(values, [760_000.0, 380_000.0, 380_000.0, 380_000.0], rtol=1e-12)
+  assert "follows the learning rate" in analysis.plots._threshold_label(groups_of(path)[0],
+                                                                         values)
+
+
+def test_curvature_detail_numbers_are_the_planted_ratios(tmp_path):
+  paths = curvature_study(tmp_path, density=False)
+  comparisons = roles.curvature_comparisons(groups_of(*paths))
+  assert [c.tag for c in comparisons] == ["e6_vs_e5"]
+  result = analysis.curvature_detail.curvature_detail(comparisons, (0.6, 1.0))["e6_vs_e5"]
+  base = result["groups"][0]
+  assert base["group"] == "e5" and base["seeds"] == 2
+  m = base["mean"]
+  assert m["ggn_over_hessian"]["train"]["mean"] == pytest.approx(0.6, abs=TOL)
+  assert m["ggn_over_hessian"]["reference"]["n"] == 2
+  assert m["ema_over_raw"]["reference"]["mean"] == pytest.approx(0.9, abs=TOL)
+  assert m["trace_per_param"]["reference"]["mean"] == pytest.approx(0.1, abs=TOL)
+  for name, share in STAGE_SHARES.items():
+    assert m["stage_share"]["reference"][name]["mean"] == pytest.approx(share, abs=TOL)
+  assert list(m["stage_share"]["reference"]) == ["stem", "down0", "mid", "up0", "head"]
+  assert list(m["kind_share"]["train"]) == ["conv", "attention", "norm"]
+  # Blocks in the network's order: the up path from the deepest level back to level 0.
+  assert analysis.curvature_detail.block_names(
+      analysis.load_runs(paths), "curvature/ref/", "gn_fed") == ["down0", "up1", "up0"]
+  # Sharpness 1000 x (1, 2, 3, 4) at steps 50...200: the largest ratio is 4000 / 380000 at 200.
+  edge = base["per_run"][0]["precond"]["train"]
+  assert edge["max_step"] == 200 and edge["points"] == 4
+  assert edge["max_ratio"] == pytest.approx(4000.0 / 380_000.0, abs=TOL)
+  assert m["precond_max_ratio"]["train"]["mean"] == pytest.approx(4000.0 / 380_000.0, abs=TOL)
+
+
+def test_curvature_comparisons_follow_the_report_roles(tmp_path):
+  paths = curvature_study(tmp_path / "e56", density=False)
+  e7 = [write_curvature_run(tmp_path / "e7", name, 1, "constant", density=False)
+        for name in ("e7a", "e7b", "e7c")]
+  comparisons = roles.curvature_comparisons(groups_of(*paths, *e7))
+  assert [(c.tag, [g.name for g in c.groups]) for c in comparisons] == [
+      ("e6_vs_e5", ["e5", "e6"]), ("e7c_vs_e7a", ["e7a", "e7c"])]
+  only = roles.curvature_comparisons(groups_of(e7[1]))
+  assert [(c.tag, [g.name for g in c.groups]) for c in only] == [("runs", ["e7b"])]
+
+
+def test_density_map_puts_every_step_on_one_grid(tmp_path):
+  path = write_curvature_run(tmp_path, "e5", 1, "constant")
+  (path / "curvature_density" / "step_000250.npz").write_bytes(b"PK\x03\x04 cut off")
+  diverged = {k: np.full_like(v, np.nan) for k, v in planted_density(300).items()}
+  np.savez(path / "curvature_density" / "step_000300.npz",
+           **{f"ref_{k}": v for k, v in diverged.items()})
+  notes = []
+  found = analysis.plots.density_map(analysis.load_run(path), "ref", notes)
+  assert found["steps"].tolist() == list(DENSITY_STEPS)
+  assert len(notes) == 2 and "step_000250.npz: not a readable .npz" in notes[0]
+  assert "step_000300.npz: ref_density has no positive value" in notes[1]
+  np.testing.assert_allclose(found["largest"], [s / 10 for s in DENSITY_STEPS], rtol=1e-12)
+  # The common grid spans every file's grid: from step 200's low end to its high end.
+  sigma = 0.01 * 20.0
+  assert found["grid"][0] == pytest.approx(-5 * sigma) and found["grid"][-1] == pytest.approx(
+      20.0 + 5 * sigma)
+  for row, step in enumerate(DENSITY_STEPS):
+    s = 0.01 * step / 10
+    exact = 0.99 * gaussian(found["grid"], 0.0, s) + 0.01 * gaussian(found["grid"], step / 10, s)
+    inside = (found["grid"] >= -5 * s) & (found["grid"] <= step / 10 + 5 * s)
+    # Linear interpolation of a Gaussian sampled at spacing h errs by at most
+    # h^2/8 max|f''| = h^2/8 x 0.99/(sqrt(2 pi) s^3); h = (step/10 + 10 s)/255.
+    h = (step / 10 + 10 * s) / 255
+    bound = h ** 2 / 8 * 0.99 / (math.sqrt(2 * math.pi) * s ** 3)
+    assert np.max(np.abs(found["density"][row, inside] - exact[inside])) <= bound * 1.001
+    assert np.all(found["density"][row, ~inside] == 0.0)   # outside a file's own grid
+  assert analysis.plots.density_map(analysis.load_run(path), "ema_ref") is None
+
+
+def test_density_colour_scale_reaches_down_to_the_outliers(tmp_path):
+  path = write_curvature_run(tmp_path, "e5", 1, "constant")
+  found = analysis.plots.density_map(analysis.load_run(path), "train")
+  low, high = analysis.plots.density_color_range([found])
+  # The outlier (weight 0.01 at step/10, sigma 0.01 step/10) is faintest at step 200, sigma 0.2:
+  # its density there is 0.01 N(0; 0, 0.2^2), and the scale starts at half of that. The files'
+  # own grids, spacing h, bound the interpolation error by h^2/8 max|f''|, with
+  # max|f''| = w / (sqrt(2 pi) sigma^3) for a Gaussian of weight w.
+  err = lambda h, w, s: h ** 2 / 8 * w / (math.sqrt(2 * math.pi) * s ** 3)
+  outlier = 0.01 * gaussian(0.0, 0.0, 0.2)
+  assert low == pytest.approx(0.5 * outlier, abs=0.5 * err((20 + 2) / 255, 0.01, 0.2))
+  # The peak is step 50's bulk, 0.99 N(0; 0, 0.05^2), its own grid's spacing h = 5.5/255: the
+  # interpolant is off by at most err(h), and the common grid (spacing <= h) has a point within
+  # h/2 of the peak, where the Gaussian is lower by at most (h/2)^2/2 max|f''| = err(h).
+  peak = 0.99 * gaussian(0.0, 0.0, 0.05)
+  assert peak - 2 * err(5.5 / 255, 0.99, 0.05) <= high <= peak
+  assert high / low > 100   # the outlier is two decades and more below the bulk
+
+
+def test_e7_curvature_figures_for_single_seeds(tmp_path):
+  # E7a and E7c, one seed each: the E7c vs E7a figures, drawn with probe-stderr bands.
+  paths = [write_curvature_run(tmp_path, name, 1, "constant", density=False, hessian=h)
+           for name, h in (("e7a", 100.0), ("e7c", 300.0))]
+  out = tmp_path / "report"
+  text = analysis.write_report(analysis.load_runs(paths), out).read_text()
+  for name in ("blocks_by_stage", "ggn_vs_hessian", "trace_per_param", "precond_sharpness"):
+    assert (out / f"e7c_vs_e7a_{name}.png").read_bytes().startswith(PNG_MAGIC), name
+  assert "## E7c vs E7a (e7c vs e7a)" in text
+  assert "e7c_vs_e7a_spectral_density.png (E7c vs E7a (e7c vs e7a)) not drawn" in text
+  detail = json.loads((out / "criteria.json").read_text())["curvature_detail"]["e7c_vs_e7a"]
+  # tr/P planted as H / 1000: 0.1 for E7a and 0.3 for E7c.
+  assert [g["mean"]["trace_per_param"]["reference"]["mean"] for g in detail["groups"]] == [
+      pytest.approx(0.1, abs=TOL), pytest.approx(0.3, abs=TOL)]

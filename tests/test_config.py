@@ -1,14 +1,17 @@
 """Config validation: each bad value is one UserError naming the key and what it may be."""
 import importlib
+import os
 
 import pytest
 
+from conftest import ROOT
 from diffdyn import config as config_lib
 from diffdyn.errors import UserError
 from diffdyn.configs import default as base
 from diffdyn.configs import smoke
 
-EXPERIMENTS = ("base", "e1", "e2", "e3", "e5", "e6", "e7a", "e7b", "e7c", "smoke")
+EXPERIMENTS = tuple(sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "experiments"))
+                           if name.endswith(".py") and name != "__init__.py"))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -17,7 +20,7 @@ def test_every_experiment_config_validates(name):
   config_lib.validate(config)
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS[1:] + ("e5e6_sweep",))
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "base"])
 def test_experiment_files_re_export_the_package_definitions(name):
   # One copy of each experiment: the package's, which an installed diffdyn has too.
   package = importlib.import_module(f"diffdyn.configs.{name}")

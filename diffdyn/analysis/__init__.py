@@ -9,6 +9,7 @@
 or from a shell: python -m diffdyn.analysis report runs/e5 runs/e6 --out reports/e6_vs_e5
 """
 from diffdyn.analysis import criteria
+from diffdyn.analysis import curvature_detail
 from diffdyn.analysis import plots
 from diffdyn.analysis import report
 from diffdyn.analysis import stats
@@ -22,5 +23,6 @@ from diffdyn.analysis.runs import group_replicates
 from diffdyn.analysis.runs import load_run
 from diffdyn.analysis.runs import load_runs
 
-__all__ = ["criteria", "plots", "report", "stats", "yardsticks", "Options", "write_report", "Group", "Run",
-           "RunFormatError", "group_replicates", "load_run", "load_runs"]
+__all__ = ["criteria", "curvature_detail", "plots", "report", "stats", "yardsticks", "Options",
+           "write_report", "Group", "Run", "RunFormatError", "group_replicates", "load_run",
+           "load_runs"]

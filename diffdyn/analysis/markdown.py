@@ -399,3 +399,68 @@ def why_lines(contexts: Sequence[dict], init_weight_note: float) -> list[str]:
                  f"sqrt(alpha_bar_T) = {c['final_alpha_bar'] ** 0.5:.2g} of x0).")
     lines.append("")
   return lines
+
+
+def _summary_cell(summary: dict | None, fmt=num) -> str:
+  """'0.93' for one seed, '0.93 [0.91, 0.95]' (seed mean [min, max]) for several; n/a if none."""
+  if summary is None:
+    return "n/a"
+  if summary["n"] == 1:
+    return fmt(summary["mean"])
+  return f"{fmt(summary['mean'])} [{fmt(summary['min'])}, {fmt(summary['max'])}]"
+
+
+def _share(x: float | None) -> str:
+  return "n/a" if x is None or not math.isfinite(x) else f"{x:.1%}"
+
+
+def _share_table(groups: Sequence[dict], field: str, objective: str, label: str) -> list[str]:
+  names = list(dict.fromkeys(n for g in groups for n in g["mean"][field][objective]))
+  if not names:
+    return []
+  lines = ["", f"Share of the {objective} objective's trace per {label} (late-window block "
+           "trace over the late-window total; the shares add up to 100%):", "",
+           f"| {label} | " + " | ".join(g["group"] for g in groups) + " |",
+           "|---|" + "---|" * len(groups)]
+  for name in names:
+    cells = [_summary_cell(g["mean"][field][objective].get(name), _share) for g in groups]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def curvature_detail_lines(result: dict, late_window: Sequence[float]) -> list[str]:
+  """The "Curvature in detail" section: one table of ratios per comparison, then shares."""
+  lines = ["# Curvature in detail", "",
+           "Where the curvature lives, how much of it is the model's (Gauss-Newton), and how "
+           "near Adam is to its edge of stability. Each number is a run's mean over "
+           f"{window(late_window)} (`--late-window`), then the mean over a group's seeds with "
+           "their range in brackets: descriptive, no test. The figures are listed under "
+           "Figures.", ""]
+  for block in result.values():
+    lines += [f"## {block['title']}", ""]
+    if block.get("verdict") == criteria.SKIPPED:
+      lines += [f"**skipped**: {block['reason']}", ""]
+      continue
+    groups = block["groups"]
+    lines += ["| group | seeds | tr(G)/tr(H) train | tr(G)/tr(H) reference | tr(H)/P reference | "
+              "tr(H) EMA/raw reference | max lambda_max(P^-1 H)/threshold, train |",
+              "|---|---|---|---|---|---|---|"]
+    for g in groups:
+      m = g["mean"]
+      lines.append(
+          f"| {g['group']} | {g['seeds']} | {_summary_cell(m['ggn_over_hessian']['train'])} | "
+          f"{_summary_cell(m['ggn_over_hessian']['reference'])} | "
+          f"{_summary_cell(m['trace_per_param']['reference'])} | "
+          f"{_summary_cell(m['ema_over_raw']['reference'])} | "
+          f"{_summary_cell(m['precond_max_ratio']['train'])} |")
+    edges = [f"{r['run']}: {num(r['precond']['train']['max_ratio'])} at step "
+             f"{r['precond']['train']['max_step']} (threshold "
+             f"{num(r['precond']['train']['threshold'])}, {r['precond']['train']['points']} "
+             "points)" for g in groups for r in g["per_run"] if r["precond"]["train"]]
+    if edges:
+      lines += ["", "Largest lambda_max(P^-1 H) / threshold over each run (1 = Adam's edge of "
+                "stability): " + "; ".join(edges) + "."]
+    lines += _share_table(groups, "stage_share", "reference", "stage")
+    lines += _share_table(groups, "kind_share", "reference", "kind")
+    lines.append("")
+  return lines

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from diffdyn.analysis import criteria
+from diffdyn.analysis import curvature_detail as detail
 from diffdyn.analysis import markdown
 from diffdyn.analysis import plots
 from diffdyn.analysis import roles
@@ -165,7 +166,15 @@ def _groups_lines(groups: Sequence[runs_lib.Group]) -> list[str]:
   return lines + [""]
 
 
-_FIGURE_TITLES = {
+@dataclasses.dataclass(frozen=True)
+class Figure:
+  """A written figure: its file name, its title in report.md and a caption (or none)."""
+  name: str
+  title: str
+  caption: str = ""
+
+
+_OVERLAY_TITLES = {
     "loss_vs_step.png": "Training loss vs step",
     "curvature_vs_step.png": "Curvature vs step",
     "fid_vs_step.png": "FID vs step",
@@ -175,9 +184,105 @@ _FIGURE_TITLES = {
 }
 
 
+def _block_prefix(runs: Sequence[runs_lib.Run]) -> tuple[str, str]:
+  """The reference objective's block keys where logged (comparable across weightings), else
+  the train objective's; and that objective's name."""
+  ref = detail.OBJECTIVES["reference"]
+  if any(detail.block_names(runs, ref, p) for p in detail.PARTITIONS):
+    return ref, "reference objective (unweighted eps-MSE)"
+  return detail.OBJECTIVES["train"], "train objective (no reference blocks logged)"
+
+
+def _any_key(runs: Sequence[runs_lib.Run], *keys: str) -> bool:
+  return any(run.has(key) for run in runs for key in keys)
+
+
+def curvature_figures(comparison: roles.Comparison, colors: dict[str, str],
+                      out_dir: pathlib.Path, notes: list[str]) -> list[Figure]:
+  """The curvature-in-detail figures of one comparison that its runs have the keys for; a
+  note in `notes` for each one they do not."""
+  groups, tag, title = comparison.groups, comparison.tag, comparison.title
+  runs = [run for g in groups for run in g.runs]
+  if not _any_key(runs, *(p + detail.HESSIAN for p in detail.OBJECTIVES.values())):
+    notes.append(f"curvature figures for {title} not drawn: no run logs curvature "
+                 "(curvature.enabled=True)")
+    return []
+  prefix, objective = _block_prefix(runs)
+  tr, ref = detail.OBJECTIVES["train"], detail.OBJECTIVES["reference"]
+  ema_keys = [detail.ema_prefix(p) + detail.HESSIAN for p in (tr, ref)]
+
+  def panels(name, ylabel, spec, needs=()):
+    return lambda path: plots.plot_panels(groups, colors, path, f"{title}: {name}", ylabel,
+                                          spec, needs=needs)
+
+  specs = [
+      ("blocks_by_stage", "Hessian trace per UNet stage",
+       panels("Hessian trace per UNet stage, " + objective, "block trace tr(H_bb)",
+              plots.block_panels(runs, prefix, "stage")),
+       f"Hutchinson trace of each UNet stage's parameters, {objective} "
+       f"(`{prefix}block/stage/<stage>/hutch_trace_mean`); the stages add up to the total "
+       "trace.", "no per-block traces logged (curvature.blocks=True)"),
+      ("blocks_by_kind", "Hessian trace per parameter kind",
+       panels("Hessian trace per parameter kind, " + objective, "block trace tr(H_bb)",
+              plots.block_panels(runs, prefix, "kind")),
+       f"The same trace split by kind of parameter: conv, attention, GroupNorm scale/shift, "
+       f"time embedding, output head (`{prefix}block/kind/<kind>/hutch_trace_mean`).",
+       "no per-block traces logged (curvature.blocks=True)"),
+      ("gn_fed_normalized", "Scale-free trace of GroupNorm-fed blocks",
+       panels("tr(H_ww) ||w||^2 of GroupNorm-fed blocks, " + objective,
+              "normalised trace",
+              plots.block_panels(runs, prefix, "gn_fed", "normalized_trace")),
+       "Each stage's ResnetBlock convs that feed only a GroupNorm, their trace times their "
+       f"squared weight norm (`{prefix}block/gn_fed/<stage>/normalized_trace`): unchanged by "
+       "the norm growth that lowers their raw trace as 1/||w||^2.",
+       "no GroupNorm-fed block traces logged (curvature.blocks=True)"),
+      ("ggn_vs_hessian", "Gauss-Newton vs Hessian trace",
+       panels("Gauss-Newton (dashed) vs Hessian (solid) trace", "trace",
+              plots.ggn_vs_hessian_panels(), [p + detail.GGN for p in (tr, ref)]),
+       f"Gauss-Newton trace tr(G) (`{tr}{detail.GGN}`, `{ref}{detail.GGN}`, dashed) beside the "
+       f"Hessian trace (`{tr}{detail.HESSIAN}`, solid) on the same probes: G is the model's "
+       "curvature (J^T W J, PSD); H - G comes from the residuals of the fit.",
+       f"no `{tr}{detail.GGN}` logged (curvature.ggn=True)"),
+      ("trace_per_param", "Mean eigenvalue tr(H)/P",
+       panels("mean eigenvalue tr(H)/P", "tr(H) / P", plots.trace_per_param_panels()),
+       f"Trace over the number of parameters (`{tr}{detail.TRACE_PER_PARAM}`, "
+       f"`{ref}{detail.TRACE_PER_PARAM}`), the mean eigenvalue: comparable across widths.",
+       f"no `{tr}{detail.TRACE_PER_PARAM}` logged (curvature.blocks=True)"),
+      ("precond_sharpness", "Adam's preconditioned sharpness",
+       lambda path: plots.plot_precond_sharpness(groups, colors, path, title),
+       f"lambda_max(P^-1 H) of the raw params with Adam's P = diag(sqrt(v_hat) + eps) "
+       f"(`{tr}{detail.PRECOND}`, `{ref}{detail.PRECOND}`) and its stability threshold "
+       f"2(1 + b1)/((1 - b1) lr) (`{tr}{detail.PRECOND_THRESHOLD}`, the line): Adam is at its "
+       "edge of stability where the curve reaches the line.",
+       f"no `{tr}{detail.PRECOND}` logged (curvature.precond_every_steps > 0)"),
+      ("spectral_density", "Hessian spectral density over steps",
+       lambda path: plots.plot_spectral_density(groups, path, notes, title),
+       f"SLQ spectral density of the raw params' Hessian (`{runs_lib.DENSITY_DIR}/"
+       "step_XXXXXX.npz`, arrays `train_*` and `ref_*`) of each group's first seed: eigenvalue "
+       "against step, colour the density on a log scale from its peak down to the density at "
+       "the largest Ritz value (dots), so that the bulk and the outliers both show.",
+       f"no {runs_lib.DENSITY_DIR}/*.npz files (curvature.density_every_steps > 0)"),
+      ("ema_vs_raw", "Curvature of the EMA vs the raw params",
+       panels("Hessian trace, raw (solid) vs EMA (dashed) params", "Hessian trace tr(H)",
+              plots.ema_vs_raw_panels(), ema_keys),
+       f"Hessian trace at the EMA params (`{ema_keys[0]}`, `{ema_keys[1]}`, dashed) beside the "
+       "raw params' (solid), on the same probes: FID is drawn from the EMA params.",
+       "no EMA curvature logged (curvature.params='ema' or 'both')"),
+  ]
+  written = []
+  for name, fig_title, draw, caption, missing in specs:
+    file_name = f"{tag}_{name}.png"
+    if draw(out_dir / file_name) is None:
+      notes.append(f"figure {file_name} ({title}) not drawn: {missing}")
+    else:
+      written.append(Figure(file_name, f"{title}: {fig_title}", caption))
+  return written
+
+
 def write_figures(groups: Sequence[runs_lib.Group], association: dict,
-                  out_dir: pathlib.Path) -> list[str]:
-  """Writes every figure the runs have data for; returns their file names."""
+                  comparisons: Sequence[roles.Comparison], out_dir: pathlib.Path,
+                  notes: list[str]) -> list[Figure]:
+  """Writes every figure the runs have data for; a note in `notes` for each left out."""
   colors = plots.group_colors(groups)
   run_groups = {str(run.path): g.name for g in groups for run in g.runs}
   written = [
@@ -188,7 +293,10 @@ def write_figures(groups: Sequence[runs_lib.Group], association: dict,
       plots.plot_sample_grids(groups, out_dir / "sample_grids.png"),
       plots.plot_association(association, colors, run_groups, out_dir / "curvature_vs_fid.png"),
   ]
-  return [p.name for p in written if p is not None]
+  figures = [Figure(p.name, _OVERLAY_TITLES[p.name]) for p in written if p is not None]
+  for comparison in comparisons:
+    figures += curvature_figures(comparison, colors, out_dir, notes)
+  return figures
 
 
 def _skipped_reasons(results: dict) -> list[str]:
@@ -221,8 +329,9 @@ def _options_lines(options: criteria.Options) -> list[str]:
 
 
 def render_report(summaries: Sequence[dict], groups: Sequence[runs_lib.Group], results: dict,
-                  figures: Sequence[str], notes: Sequence[str], options: criteria.Options,
-                  command: str | None, contexts: Sequence[dict] = ()) -> str:
+                  figures: Sequence[Figure], notes: Sequence[str], options: criteria.Options,
+                  command: str | None, contexts: Sequence[dict] = (),
+                  curvature: dict | None = None) -> str:
   lines = ["# diffdyn analysis report", ""]
   if command:
     lines += [f"Generated by `{command}`.", ""]
@@ -241,9 +350,14 @@ def render_report(summaries: Sequence[dict], groups: Sequence[runs_lib.Group], r
     lines += markdown.e7_lines(e7, e7["roles"])
   lines += markdown.association_lines(results["curvature_fid_association"])
   lines += markdown.why_lines(contexts, INIT_WEIGHT_NOTE)
+  if curvature:
+    lines += markdown.curvature_detail_lines(curvature, options.late_window)
   lines += ["# Figures", ""]
-  lines += [f"![{_FIGURE_TITLES[name]}]({name})\n" for name in figures]
-  skipped = _skipped_reasons(results)
+  for figure in figures:
+    lines.append(f"![{figure.title}]({figure.name})\n")
+    if figure.caption:
+      lines += [f"*{figure.title}.* {figure.caption}", ""]
+  skipped = _skipped_reasons(dict(results, curvature_detail=curvature or {}))
   if skipped or notes:
     lines += ["# Notes", ""]
     lines += [f"- skipped {reason}" for reason in skipped]
@@ -261,20 +375,26 @@ def write_report(runs: Sequence[runs_lib.Run], out_dir: str | pathlib.Path,
   out_dir.mkdir(parents=True, exist_ok=True)
   groups = runs_lib.group_replicates(runs)
   results = compute_criteria(groups, options, baseline, treatment, e7_names)
-  figures = write_figures(groups, results["curvature_fid_association"], out_dir)
+  comparisons = roles.curvature_comparisons(groups, baseline, treatment, e7_names)
+  curvature = detail.curvature_detail(comparisons, options.late_window)
+  figure_notes = []
+  figures = write_figures(groups, results["curvature_fid_association"], comparisons, out_dir,
+                          figure_notes)
   group_of = {id(run): g for g in groups for run in g.runs}
   summaries = [_run_summary(run, group_of[id(run)]) for run in runs]
   warnings = [w for run in runs for w in run.warnings]
-  notes = runs_lib.grouping_notes(groups) + step_grid_notes(runs) + warnings
+  notes = runs_lib.grouping_notes(groups) + step_grid_notes(runs) + warnings + figure_notes
   contexts = [fid_context(g) for g in groups]
-  text = render_report(summaries, groups, results, figures, notes, options, command, contexts)
+  text = render_report(summaries, groups, results, figures, notes, options, command, contexts,
+                       curvature)
   report_path = out_dir / REPORT_FILE
   report_path.write_text(text, encoding="utf-8")
   payload = dict(options=dataclasses.asdict(options), runs=summaries,
                  groups=[dict(name=g.name, runs=[str(r.path) for r in g.runs], seeds=g.seeds)
                          for g in groups],
-                 criteria=results, fid_context=contexts, figures=figures, notes=notes,
-                 skipped=_skipped_reasons(results))
+                 criteria=results, fid_context=contexts, curvature_detail=curvature,
+                 figures=[f.name for f in figures], notes=notes,
+                 skipped=_skipped_reasons(dict(results, curvature_detail=curvature)))
   with open(out_dir / CRITERIA_FILE, "w", encoding="utf-8") as f:
     json.dump(to_jsonable(payload), f, indent=2, allow_nan=False)
   return report_path

@@ -6,6 +6,7 @@ weighting with everything else that shapes training equal).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Sequence
 
@@ -94,3 +95,33 @@ def e7_roles(groups: Sequence[runs_lib.Group], names: Sequence[str] | None = Non
     elif not named:
       missing[role] = f"no run named {role} (or use --e7)"
   return found, "by name (e7a, e7b, e7c)", missing
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Groups the curvature figures overlay: `tag` names their files, `title` their headings."""
+  tag: str
+  title: str
+  groups: tuple[runs_lib.Group, ...]
+
+
+def curvature_comparisons(groups: Sequence[runs_lib.Group], baseline: str | None = None,
+                          treatment: str | None = None,
+                          e7_names: Sequence[str] | None = None) -> list[Comparison]:
+  """E6 vs E5 and E7c vs E7a, in the roles the criteria use; all groups when neither is found.
+
+  E7b (E7a trained longer) is left out: the curvature question of E7 is the width's, which
+  E7c vs E7a asks (its tr/P compares widths).
+  """
+  found = []
+  base, treat, _ = e6_roles(groups, baseline, treatment)
+  if base is not None:
+    found.append(Comparison("e6_vs_e5", f"E6 vs E5 ({treat.name} vs {base.name})",
+                            (base, treat)))
+  e7, _, _ = e7_roles(groups, e7_names)
+  if e7["e7a"] is not None and e7["e7c"] is not None:
+    found.append(Comparison("e7c_vs_e7a", f"E7c vs E7a ({e7['e7c'].name} vs {e7['e7a'].name})",
+                            (e7["e7a"], e7["e7c"])))
+  if not found:
+    found.append(Comparison("runs", "all runs", tuple(groups)))
+  return found

@@ -1,4 +1,5 @@
-"""Reading run directories (metrics.jsonl, config.json, samples/) and grouping replicates.
+"""Reading run directories (metrics.jsonl, config.json, samples/, curvature_density/) and
+grouping replicates.
 
 A run directory holds `metrics.jsonl`: one JSON object per line with an int `step`, a
 `wall_time` and scalar metrics. One step may be spread over several lines (train metrics
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import zipfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -21,6 +23,7 @@ from diffdyn.configs import default as default_config
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 SAMPLES_DIR = "samples"
+DENSITY_DIR = "curvature_density"
 WALL_TIME = "wall_time"
 # Config entries that may differ between replicates of one experiment.
 REPLICATE_IGNORED_KEYS = ("seed", "workdir")
@@ -72,6 +75,10 @@ class Run:
   def sample_grids(self) -> list[pathlib.Path]:
     """Sample grid images in step order (their names are zero-padded step numbers)."""
     return sorted((self.path / SAMPLES_DIR).glob("step_*.png"))
+
+  def density_files(self) -> list[pathlib.Path]:
+    """Spectral-density files (curvature.density_every_steps) in step order."""
+    return sorted((self.path / DENSITY_DIR).glob("step_*.npz"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -235,6 +242,18 @@ def read_config(path: pathlib.Path) -> dict:
   if not isinstance(config, dict):
     raise RunFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
   return config
+
+
+def read_density(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The arrays of one curvature_density/step_XXXXXX.npz file.
+
+  Raises RunFormatError when the file cannot be read as an .npz (cut off, not a zip).
+  """
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {name: np.asarray(data[name]) for name in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise RunFormatError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
 
 
 def load_run(path: str | pathlib.Path) -> Run:
