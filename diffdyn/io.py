@@ -414,12 +414,18 @@ class JsonlWriter:
         os.fsync(f.fileno())
 
 
+# Keys too many or too fine for a log line (they stay in metrics.jsonl and TensorBoard).
+_NOT_LOGGED = ("time/", "/probe/", "hutch_trace_probe/", "/block/", "loss_tbin/", "param_norm/")
+
+
 class LoggingWriter:
-  """Stands in for CLU's writers where CLU cannot be imported (it needs TensorFlow)."""
+  """Stands in for CLU's writers without TensorBoard: the headline scalars as log lines."""
 
   def write_scalars(self, step, scalars):
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
-    log.info("[%d] %s", step, shown)
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in scalars.items()
+                      if not any(part in k for part in _NOT_LOGGED))
+    if shown:
+      log.info("[%d] %s", step, shown)
 
   def write_images(self, step, images):
     del step, images

@@ -21,16 +21,18 @@ import nbformat
 NOTEBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "colab.ipynb")
 INJECTED = "injected-parameters"
 
-# The smoke config shrunk further to 8x8 images and a one-level UNet (as tests/test_faults.py
-# does), which keeps the two trainings, the figures and the report within about two minutes on
-# two CPU cores. No install (CI installed diffdyn already), no TensorBoard.
+# The smoke config shrunk further to 8x8 images and a one-level UNet without attention, and
+# without the per-block and Gauss-Newton traces (as the test suite's tiny run), which keeps the
+# two trainings, the figures and the report within about two minutes on two CPU cores. No
+# install (CI installed diffdyn already), no TensorBoard.
 SMOKE_PARAMETERS = {
     "SMOKE": True,
     "SWEEP": False,
     "TENSORBOARD": False,
     "INSTALL": "",
     "OVERRIDES": {"data.image_size": 8, "model.image_size": 8, "model.channel_mult": (1,),
-                  "model.attn_resolutions": (8,)},
+                  "model.attn_resolutions": (), "curvature.blocks": False,
+                  "curvature.ggn": False},
 }
 
 
