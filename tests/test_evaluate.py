@@ -1,4 +1,4 @@
-"""Evaluators: the smoke config's every curvature measurement, and sample grids, in a real run."""
+"""Evaluators: every curvature measurement of the smoke config, and sample grids, in a real run."""
 import json
 import os
 
@@ -6,17 +6,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_config
 from diffdyn import train
 from experiments import smoke
 
 
+def test_the_smoke_config_turns_every_curvature_measurement_on():
+  cc = smoke.get_config().curvature
+  assert cc.enabled and cc.objective == "both" and cc.blocks and cc.ggn
+  assert 0 < cc.precond_every_steps <= 20 and 0 < cc.density_every_steps <= 20
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, cache_dir):
-  """experiments/smoke.py for 20 steps: curvature at 10 and 20, precond and density at 20."""
+  """The smoke config's measurements on the suite's tiny network, for 20 steps: curvature at 10
+  and 20, Adam's preconditioned sharpness and the spectral density at 20."""
   del cache_dir
-  config = smoke.get_config()
-  config.train.tensorboard = False
-  config.train.total_steps = 20
+  smoke_curvature = smoke.get_config().curvature
+  config = tiny_config(**{f"curvature.{k}": smoke_curvature[k]
+                          for k in ("blocks", "ggn", "precond_every_steps",
+                                    "density_every_steps")},
+                       **{"train.total_steps": 20})
   workdir = str(tmp_path_factory.mktemp("smoke") / "run")
   train.train_and_evaluate(config, workdir)
   rows = {}

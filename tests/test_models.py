@@ -30,8 +30,11 @@ def test_param_count_scales_with_width():
 def _perturbed_params(model):
   # DDPM zero-initialises the layers closing each residual branch and the output conv, so a
   # fresh network outputs ~0 whatever its input; perturbing the weights makes effects visible.
-  params = models.init_params(model, jax.random.key(0), 16)
-  return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape), params)
+  def init():
+    params = models.init_params(model, jax.random.key(0), 16)
+    return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape),
+                        params)
+  return jax.jit(init)()   # one program, not hundreds of eager random draws
 
 
 def test_forward_shape_dtype_and_dropout():

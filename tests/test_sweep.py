@@ -206,7 +206,8 @@ def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
             "  train.train_and_evaluate(tiny_config(**{'sweep.seeds': seeds}), workdir)\n")
   workdirs = [str(tmp_path / "replicas"), str(tmp_path / "batch")]
   env = dict(os.environ, DIFFDYN_CACHE=cache_dir,
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                       "--xla_force_host_platform_device_count=4".strip())
   proc = subprocess.run([sys.executable, "-c", script, *workdirs], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
