@@ -56,8 +56,18 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-  """One DIFFDYN_CACHE for the session: launched runs reuse each other's compiled programs."""
-  path = tmp_path_factory.mktemp("diffdyn_cache")
+  """One DIFFDYN_CACHE for the session: launched runs reuse each other's compiled programs.
+
+  Under pytest-xdist (`-n 2`) the workers share it, so a program one of them compiled is
+  loaded by the other. (An entry read while the other worker is still writing it does not
+  deserialize: JAX then warns and compiles the program itself.)
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    path = base.parent / "diffdyn_cache"
+    path.mkdir(exist_ok=True)
+  else:
+    path = tmp_path_factory.mktemp("diffdyn_cache")
   os.environ["DIFFDYN_CACHE"] = str(path)
   return str(path)
 

@@ -73,6 +73,7 @@ def test_hvp_matches_explicit_hessian_on_mlp(x64):
   np.testing.assert_allclose(got, hessian @ v, rtol=0, atol=1e-12 * np.linalg.norm(hessian @ v))
 
 
+@pytest.mark.slow  # a UNet HVP against finite differences
 def test_hvp_matches_gradient_differences_on_unet():
   unet = pytest.importorskip("diffdyn.models.unet")
   model = unet.UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Every curvature program (traces with blocks, Gauss-Newton, Lanczos for the preconditioned
+# sharpness and the density) compiled and run once: the evaluators end to end.
+pytestmark = pytest.mark.slow
+
 from conftest import tiny_config
 from diffdyn import train
 from experiments import smoke

@@ -499,6 +499,7 @@ def poison_latest_checkpoint(workdir):
   ckpts.close()
 
 
+@pytest.mark.slow  # ten more steps on a copied run
 def test_skipped_nonfinite_updates_are_counted(cheap_reference, tmp_path):
   workdir = copy_run(cheap_reference, tmp_path)
   # Step 41 takes a finite but enormous Adam step; every forward pass after it overflows.

@@ -173,6 +173,7 @@ def test_each_replicate_is_a_run_of_its_own(seed_sweep):
   assert sum("compiled the curvature traces program" in m for m in messages) == 1
 
 
+@pytest.mark.slow  # a second sweep program, and a launch
 def test_a_resumed_sweep_continues_exactly(seed_sweep, tmp_path):
   straight, _ = seed_sweep
   workdir = str(tmp_path / "resumed")
@@ -220,6 +221,7 @@ def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
                                  losses(os.path.join(one_device, name)), rtol=RTOL)
 
 
+@pytest.mark.slow  # a second sweep program, and a launch
 def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_dir):
   """train.train_and_evaluate on experiments/e5e6_sweep.py writes the replicates launch.py does."""
   from experiments import e5e6_sweep  # pylint: disable=import-outside-toplevel

@@ -150,6 +150,7 @@ def test_straight_run_writes_metrics_checkpoints_and_grids(straight_run):
         "step_000020.png", "step_000040.png"]
 
 
+@pytest.mark.slow  # a launched process
 def test_resume_in_a_fresh_process_replays_exactly(straight_run, tmp_path, cache_dir):
   workdir = str(tmp_path / "resumed")
   first = run_launch([*SMOKE, f"--workdir={workdir}", "--config.train.total_steps=20"], cache_dir)
