@@ -5,6 +5,8 @@ computed here with numpy/scipy (scipy.stats.t, ttest_ind, pearsonr, spearmanr) r
 taken from the code under test. Float comparisons use an absolute tolerance of 1e-9 unless
 a comment says otherwise; they are exact up to floating-point round-off.
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from scipy import stats as sps
 
 from diffdyn import analysis
 from diffdyn import errors
+from diffdyn.analysis import __main__ as cli
 from diffdyn.analysis import criteria
 from diffdyn.analysis import roles
 from diffdyn.analysis import runs as runs_lib
@@ -1096,9 +1099,21 @@ def test_unreadable_sample_grid_does_not_stop_the_figure(tmp_path):
 
 
 def run_cli(*args):
+  """`python -m diffdyn.analysis ARGS` in a fresh process: the real entry point."""
   env = dict(os.environ, PYTHONPATH=str(REPO))
   return subprocess.run([sys.executable, "-m", "diffdyn.analysis", *map(str, args)],
                         cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def run_cli_here(*args):
+  """The same `main` in this process (argparse's usage errors included): (status, out, err)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      status = cli.main([str(a) for a in args])
+    except SystemExit as e:
+      status = e.code
+  return status, out.getvalue(), err.getvalue()
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
@@ -1109,33 +1124,34 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.splitlines() == [f"error: {bad / 'metrics.jsonl'}:2: not valid JSON: "
                                       "Expecting value at column 1"]
-  proc = run_cli("report", tmp_path / "absent", "--out", tmp_path / "out")
-  assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
-  assert str(tmp_path / "absent") in proc.stderr
-  proc = run_cli("report", good)  # --out missing: a usage error, also one line
-  assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+  status, _, err = run_cli_here("report", tmp_path / "absent", "--out", tmp_path / "out")
+  assert status == 2 and len(err.splitlines()) == 1
+  assert str(tmp_path / "absent") in err
+  status, _, err = run_cli_here("report", good)  # --out missing: a usage error, also one line
+  assert status == 2 and len(err.splitlines()) == 1
   (tmp_path / "a_file").write_text("")
-  proc = run_cli("report", good, "--out", tmp_path / "a_file")
-  assert proc.returncode == 2
-  assert proc.stderr.splitlines() == [f"error: cannot write the report: {tmp_path / 'a_file'}: "
-                                      "File exists"]
+  status, _, err = run_cli_here("report", good, "--out", tmp_path / "a_file")
+  assert status == 2
+  assert err.splitlines() == [f"error: cannot write the report: {tmp_path / 'a_file'}: "
+                              "File exists"]
 
 
 def test_cli_report_prints_windows_and_writes_files(tmp_path):
   b, t = write_e6_pair(tmp_path, total=1000)
-  proc = run_cli("report", b, t, "--out", tmp_path / "out", "--late-window", "0.5", "1.0",
-                 "--spike-k", "5", "--spike-median-window", "7")
-  assert proc.returncode == 0, proc.stderr
+  status, stdout, err = run_cli_here("report", b, t, "--out", tmp_path / "out",
+                                     "--late-window", "0.5", "1.0", "--spike-k", "5",
+                                     "--spike-median-window", "7")
+  assert status == 0, err
   options = json.loads((tmp_path / "out" / "criteria.json").read_text())["options"]
   assert (options["spike_k"], options["spike_median_window"]) == (5.0, 7)
   text = (tmp_path / "out" / "report.md").read_text()
   assert "k = 5 noise SDs above the run's own rolling median over 7 logged points" in text
-  bad = run_cli("report", b, t, "--out", tmp_path / "out2", "--spike-median-window", "4")
-  assert bad.returncode == 2
-  assert bad.stderr.splitlines() == ["error: spike_median_window must be an odd integer >= 3, "
-                                     "got 4"]
-  assert "late window for e5 seed 1077: steps 500-1000" in proc.stdout
-  assert "spike window for e6 seed 1077: steps 200-1000" in proc.stdout
+  status, _, err = run_cli_here("report", b, t, "--out", tmp_path / "out2",
+                                "--spike-median-window", "4")
+  assert status == 2
+  assert err.splitlines() == ["error: spike_median_window must be an odd integer >= 3, got 4"]
+  assert "late window for e5 seed 1077: steps 500-1000" in stdout
+  assert "spike window for e6 seed 1077: steps 200-1000" in stdout
   assert (tmp_path / "out" / "report.md").is_file()
   assert (tmp_path / "out" / "criteria.json").is_file()
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import tiny_config
 from diffdyn import data
 from diffdyn import evaluate
 from diffdyn import fid
@@ -325,7 +326,7 @@ def test_oracle_with_the_stride_sampler_is_consistent_with_striding(oracle):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache_dir):
-  """A smoke-config run whose EMA network denoises a little.
+  """A run of the suite's tiny network (conftest.TINY) whose EMA network denoises a little.
 
   The smoke run itself (40 steps, lr 1e-4, EMA 0.999) leaves the EMA network next to its
   initialisation, whose output layer is zero: eps ~ 0, for which every sampler returns the
@@ -333,8 +334,7 @@ def run_dir(tmp_path_factory, cache_dir):
   with a short EMA give samples with structure in seconds.
   """
   del cache_dir  # sets DIFFDYN_CACHE: the compile cache the audit subprocess shares
-  config = smoke.get_config()
-  config.curvature.enabled = False
+  config = tiny_config(**{"curvature.enabled": False})
   config.train.total_steps = TRAIN_STEPS
   config.train.learning_rate = 3e-3
   config.train.ema_decay = 0.5
@@ -452,21 +452,21 @@ def seeded_weights(tmp_path_factory):
 @pytest.mark.slow  # trains a smoke run (module fixture, minutes on 2 CPU cores)
 def test_fid_is_computed_with_seeded_weights(run_dir, audited, seeded_weights, tmp_path):
   del audited  # after the CLI audit: its compiled DDIM program is in the compile cache
-  # Inception on the CPU costs ~0.3-1 s per image, so 8 samples and 8 reference images,
-  # one batch size (8) for both: one Inception compile. One configuration, since each FID
+  # Inception on the CPU costs ~0.3-1 s per image, so 4 samples and 4 reference images,
+  # one batch size (4) for both: one Inception compile. One configuration, since each FID
   # also costs a 2048 x 2048 eigendecomposition (5-30 s on a loaded CPU).
-  images = data.load_images(smoke.get_config().data)[:8]
-  feats = fid.inception_features(fid.load_inception(seeded_weights), images, batch_size=8)
+  images = data.load_images(tiny_config().data)[:4]
+  feats = fid.inception_features(fid.load_inception(seeded_weights), images, batch_size=4)
   mu, sigma = fid.feature_stats(feats)
   stats_path = tmp_path / "ref.npz"
   np.savez(stats_path, mu=mu, sigma=sigma)
   # The reference alone (on the step-200 and, for the trend, the step-100 checkpoint).
-  result = audit.run_audit(run_dir, tmp_path / "out", num_samples=8, batch_size=NUM_SAMPLES,
+  result = audit.run_audit(run_dir, tmp_path / "out", num_samples=4, batch_size=NUM_SAMPLES,
                            inception_weights=seeded_weights, reference_stats=str(stats_path),
                            params="ema", configurations=[audit.reference_configuration(100)])
   row = result["configurations"][0]
   value = row["quality"]
-  # Stand-in weights give no meaningful scale; 8 noisy samples vs 8 data images differ.
+  # Stand-in weights give no meaningful scale; 4 noisy samples vs 4 data images differ.
   assert row["quality_name"] == "FID" and math.isfinite(value) and value > 0
   saved = json.loads((tmp_path / "out" / audit.JSON_FILE).read_text())
   assert saved["configurations"][0]["quality"] == pytest.approx(value)

@@ -173,18 +173,6 @@ def test_each_replicate_is_a_run_of_its_own(seed_sweep):
   assert sum("compiled the curvature traces program" in m for m in messages) == 1
 
 
-@pytest.mark.slow  # a second sweep program, and a launch
-def test_a_resumed_sweep_continues_exactly(seed_sweep, tmp_path):
-  straight, _ = seed_sweep
-  workdir = str(tmp_path / "resumed")
-  overrides = {"sweep.seeds": 2, "curvature.enabled": True}
-  train.train_and_evaluate(tiny_config(**overrides, **{"train.total_steps": 2}), workdir)
-  train.train_and_evaluate(tiny_config(**overrides), workdir)
-  for name in ("smoke_seed1077", "smoke_seed1078"):
-    assert read_metrics(os.path.join(workdir, name)) == read_metrics(
-        os.path.join(straight, name)), name
-
-
 def test_a_gamma_variant_changes_the_weights_only(single_run, tmp_path):
   workdir = str(tmp_path / "gamma")
   train.train_and_evaluate(tiny_config(**{"sweep.minsnr_gamma": (1.0, 5.0)}), workdir)
