@@ -58,7 +58,7 @@ def pytest_configure(config):
 def cache_dir(tmp_path_factory):
   """One DIFFDYN_CACHE for the session: launched runs reuse each other's compiled programs.
 
-  Under pytest-xdist (`-n 2`) the workers share it, so a program one of them compiled is
+  Under pytest-xdist (`-n 3`) the workers share it, so a program one of them compiled is
   loaded by the other. (An entry read while the other worker is still writing it does not
   deserialize: JAX then warns and compiles the program itself.)
   """
