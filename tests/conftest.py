@@ -11,18 +11,43 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# XLA:CPU at optimisation level 0: compiles take about half as long, and the suite compiles far
-# more than it computes. Every process of a test session (launched ones inherit the variable)
-# runs the same programs, so comparisons between runs hold as they do at the default level.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _xla_flags_with(flag):
+  """XLA_FLAGS with `flag` added, unless the variable sets that flag already."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if any(f.split("=")[0] == flag.split("=")[0] for f in flags):
+    return " ".join(flags)
+  return " ".join([*flags, flag])
+
+
+def _xla_accepts(xla_flags):
+  """Whether this jaxlib knows every flag in `xla_flags`: XLA aborts on an unknown one."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  probe = "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"
+  return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300,
+                        env=dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+                        ).returncode == 0
+
+
+# The suite compiles far more than it computes. Two XLA:CPU flags make its compiles cheaper:
+# optimisation level 0 (about half the compile time), and the older elemental emitters in place
+# of the fusion emitters (a third less CPU time again for tests/test_evaluate.py's run, measured
+# cold on 2 cores: 73.7 s against 48.8 s, and its programs run faster too). Every process of a
+# test session (launched ones, and pytest-xdist's workers, inherit the variable) runs the same
+# programs, so comparisons between runs hold as they do with XLA's defaults.
+os.environ["XLA_FLAGS"] = _xla_flags_with("--xla_backend_optimization_level=0")
+if "--xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+  # A newer jaxlib may drop the switch; the suite then runs with the fusion emitters.
+  _flags = _xla_flags_with("--xla_cpu_use_fusion_emitters=false")
+  if _xla_accepts(_flags):
+    os.environ["XLA_FLAGS"] = _flags
+
+
 # The suite's one small run: experiments/smoke.py at 8x8 with a one-level UNet without attention,
-# TensorBoard off and the extra curvature measurements off (tests/test_evaluate.py runs the
-# whole smoke config, attention included). XLA:CPU's compile time grows with the number of ops,
+# TensorBoard off and the extra curvature measurements off (tests/test_evaluate.py turns the
+# smoke config's measurements back on). XLA:CPU's compile time grows with the number of ops,
 # not their size. Test modules share the run so that each of its programs compiles once per
 # session: the persistent cache serves every later run of it, launched processes included.
 TINY = {"data.image_size": 8, "model.image_size": 8, "model.channel_mult": (1,),
@@ -48,7 +73,50 @@ def tiny_flags(**overrides):
             else f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items())]
 
 
+# The files that take longest, longest first, by their times in the fresh-clone CI check.
+# pytest-xdist's `--dist loadfile` hands out whole files, those with the most tests first; one
+# long file handed out last leaves a core idle for its last minute or two.
+LONGEST_FIRST = ("test_kill.py", "test_sweep.py", "test_faults.py", "test_curvature.py",
+                 "test_audit.py", "test_train.py", "test_evaluate.py", "test_bench.py")
+
+
+def _file_rank(path):
+  name = os.path.basename(path)
+  return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+def _longest_file_first(config, log):
+  """pytest-xdist's loadfile scheduling, handing out the files of LONGEST_FIRST first."""
+  from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
+
+  class LongestFileFirst(LoadFileScheduling):
+
+    def _assign_work_unit(self, node):
+      # A worker is handed its next file while it still runs the last tests of its current
+      # one (it holds a test back until more arrive; a one-test file gets a second file at
+      # once). One still busy with a long file gets the shortest left, so that the long files
+      # go to workers that are free to start them.
+      files = sorted(self.workqueue, key=_file_rank)   # stable: xdist's order, most tests first
+      pending = [self._split_scope(nodeid) for work in self.assigned_work[node].values()
+                 for nodeid, done in work.items() if not done]
+      busy = any(_file_rank(path) < len(LONGEST_FIRST) for path in pending)
+      self.workqueue.move_to_end(files[-1] if busy else files[0], last=False)
+      super()._assign_work_unit(node)
+
+  return LongestFileFirst(config, log)
+
+
+class _Scheduling:
+  """A pytest-xdist plugin: `--dist loadfile` with the longest files first."""
+
+  @pytest.hookimpl(tryfirst=True)
+  def pytest_xdist_make_scheduler(self, config, log):
+    return _longest_file_first(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
 def pytest_configure(config):
+  if config.pluginmanager.hasplugin("xdist"):
+    config.pluginmanager.register(_Scheduling(), "diffdyn_longest_file_first")
   config.addinivalue_line(
       "markers", "slow: kills, multi-device runs and long samplers; `pytest -m 'not slow'` skips "
       "them for a quick loop (CI runs everything)")

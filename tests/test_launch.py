@@ -155,7 +155,7 @@ def test_a_run_without_a_usable_cache_runs_quietly(tmp_path):
   not_a_dir = tmp_path / "cache"
   not_a_dir.write_text("a file, not a directory")
   tiny = ["--config.data.image_size=8", "--config.model.image_size=8",
-          "--config.model.channel_mult=(1,)", "--config.model.attn_resolutions=(8,)",
+          "--config.model.channel_mult=(1,)", "--config.model.attn_resolutions=()",
           "--config.train.tensorboard=False", "--config.curvature.enabled=False",
           "--config.train.total_steps=1", "--config.train.log_every_steps=1",
           "--config.train.checkpoint_every_steps=1", "--config.eval.fid_every_steps=1",

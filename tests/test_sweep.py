@@ -242,11 +242,12 @@ def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_di
                             losses(os.path.join(in_process, names[2])))
 
 
-def test_a_sweep_with_bad_seeds_is_one_line(tmp_path, cache_dir):
+def test_a_sweep_with_bad_seeds_is_one_line(tmp_path, launch_main, capsys):
   flags = tiny_flags(**{"sweep.seeds": 2, "sweep.seed_list": (5, 6, 7)})
-  proc = run_launch([*flags, f"--workdir={tmp_path / 'bad'}"], cache_dir)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "sweep.seeds (2) must be 1 or the number of sweep.seed_list (3)" in proc.stderr
+  assert launch_main(*flags, f"--workdir={tmp_path / 'bad'}") == 2
+  line = conftest.one_error_line(capsys.readouterr().err)
+  assert "sweep.seeds (2) must be 1 or the number of sweep.seed_list (3)" in line, line
+  assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
