@@ -38,11 +38,11 @@ def _xla_accepts(xla_flags):
 # test session (launched ones, and pytest-xdist's workers, inherit the variable) runs the same
 # programs, so comparisons between runs hold as they do with XLA's defaults.
 os.environ["XLA_FLAGS"] = _xla_flags_with("--xla_backend_optimization_level=0")
-if "--xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
-  # A newer jaxlib may drop the switch; the suite then runs with the fusion emitters.
-  _flags = _xla_flags_with("--xla_cpu_use_fusion_emitters=false")
-  if _xla_accepts(_flags):
-    os.environ["XLA_FLAGS"] = _flags
+_flags = _xla_flags_with("--xla_cpu_use_fusion_emitters=false")
+# Probed once, by the first process of a session: its workers and launches inherit the result.
+# A newer jaxlib may drop the switch; the suite then runs with the fusion emitters.
+if _flags != os.environ["XLA_FLAGS"] and _xla_accepts(_flags):
+  os.environ["XLA_FLAGS"] = _flags
 
 
 # The suite's one small run: experiments/smoke.py at 8x8 with a one-level UNet without attention,
@@ -85,38 +85,35 @@ def _file_rank(path):
   return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
-def _longest_file_first(config, log):
-  """pytest-xdist's loadfile scheduling, handing out the files of LONGEST_FIRST first."""
-  from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
-
-  class LongestFileFirst(LoadFileScheduling):
-
-    def _assign_work_unit(self, node):
-      # A worker is handed its next file while it still runs the last tests of its current
-      # one (it holds a test back until more arrive; a one-test file gets a second file at
-      # once). One still busy with a long file gets the shortest left, so that the long files
-      # go to workers that are free to start them.
-      files = sorted(self.workqueue, key=_file_rank)   # stable: xdist's order, most tests first
-      pending = [self._split_scope(nodeid) for work in self.assigned_work[node].values()
-                 for nodeid, done in work.items() if not done]
-      busy = any(_file_rank(path) < len(LONGEST_FIRST) for path in pending)
-      self.workqueue.move_to_end(files[-1] if busy else files[0], last=False)
-      super()._assign_work_unit(node)
-
-  return LongestFileFirst(config, log)
-
-
-class _Scheduling:
-  """A pytest-xdist plugin: `--dist loadfile` with the longest files first."""
+class _LongestFilesFirst:
+  """A pytest-xdist plugin: `--dist loadfile` handing out the files of LONGEST_FIRST first."""
 
   @pytest.hookimpl(tryfirst=True)
   def pytest_xdist_make_scheduler(self, config, log):
-    return _longest_file_first(config, log) if config.getvalue("dist") == "loadfile" else None
+    if config.getvalue("dist") != "loadfile":
+      return None
+    from xdist.scheduler import LoadFileScheduling  # pylint: disable=import-outside-toplevel
+
+    class Scheduling(LoadFileScheduling):
+
+      def _assign_work_unit(self, node):
+        # A worker is handed its next file while it still runs the last tests of its current
+        # one (it holds a test back until more arrive; a one-test file gets a second file at
+        # once). One still busy with a long file gets the shortest left, so that the long
+        # files go to workers that are free to start them.
+        files = sorted(self.workqueue, key=_file_rank)   # stable: xdist's order, most tests first
+        pending = [self._split_scope(nodeid) for work in self.assigned_work[node].values()
+                   for nodeid, done in work.items() if not done]
+        busy = any(_file_rank(path) < len(LONGEST_FIRST) for path in pending)
+        self.workqueue.move_to_end(files[-1] if busy else files[0], last=False)
+        super()._assign_work_unit(node)
+
+    return Scheduling(config, log)
 
 
 def pytest_configure(config):
   if config.pluginmanager.hasplugin("xdist"):
-    config.pluginmanager.register(_Scheduling(), "diffdyn_longest_file_first")
+    config.pluginmanager.register(_LongestFilesFirst(), "diffdyn_longest_files_first")
   config.addinivalue_line(
       "markers", "slow: kills, multi-device runs and long samplers; `pytest -m 'not slow'` skips "
       "them for a quick loop (CI runs everything)")

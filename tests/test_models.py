@@ -36,11 +36,11 @@ def _small_model_config():
   return model_config
 
 
-def _perturbed_params(model):
+def _perturbed_params(model, image_size):
   # DDPM zero-initialises the layers closing each residual branch and the output conv, so a
   # fresh network outputs ~0 whatever its input; perturbing the weights makes effects visible.
   def init():
-    params = models.init_params(model, jax.random.key(0), 8)
+    params = models.init_params(model, jax.random.key(0), image_size)
     return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape),
                         params)
   return jax.jit(init)()   # one program, not hundreds of eager random draws
@@ -50,7 +50,7 @@ def test_forward_shape_dtype_and_dropout():
   model_config = _small_model_config()
   assert model_config.dropout > 0
   model = models.get_model(model_config)
-  params = _perturbed_params(model)
+  params = _perturbed_params(model, model_config.image_size)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   t = jnp.array([0, 99])
   apply = jax.jit(model.apply, static_argnames="train")
@@ -68,8 +68,9 @@ def test_forward_shape_dtype_and_dropout():
 
 
 def test_time_embedding_distinguishes_timesteps():
-  model = models.get_model(_small_model_config())
-  params = _perturbed_params(model)
+  model_config = _small_model_config()
+  model = models.get_model(model_config)
+  params = _perturbed_params(model, model_config.image_size)
   x = jnp.ones((2, 8, 8, 3))
   out = jax.jit(model.apply, static_argnames="train")({"params": params}, x, jnp.array([1, 90]),
                                                        train=False)
