@@ -434,8 +434,8 @@ class SamplesAndFid:
     images = self._draw("fid", params, rng, num, result)
     sampled = time.monotonic()
     feats = fid.inception_features(self.inception, images, batch_size=self._config.fid.batch_size)
-    mu, sigma = fid.feature_stats(feats)
-    result.scalars[f"{prefix}/fid"] = fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    result.scalars[f"{prefix}/fid"] = fid.frechet_distance_of_features(feats, ref["mu"],
+                                                                       ref["sigma"])
     if "features" in ref:
       subset = min(1000, len(feats), len(ref["features"]))
       result.scalars[f"{prefix}/kid"] = float(fid.kid(feats, ref["features"],

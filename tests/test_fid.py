@@ -227,9 +227,50 @@ def test_frechet_distance_singular_covariance():
   assert np.isfinite(fid.frechet_distance(mu1, s1, mu2, s2))
 
 
+def _features_with_covariance(rng, n, basis, variances, mean):
+  """n rows whose sample mean is `mean` and covariance basis diag(variances) basis^T exactly."""
+  k = variances.shape[0]
+  z = rng.standard_normal((n, k))
+  z, _ = np.linalg.qr(z - z.mean(axis=0))   # centred orthonormal columns
+  return np.sqrt(n - 1) * (z * np.sqrt(variances)) @ basis[:, :k].T + mean
+
+
+def test_frechet_distance_of_few_features_matches_the_closed_form():
+  # Fewer samples than dimensions (5 in 64, rank 4) against a reference of rank 40, both
+  # diagonal in one random basis Q: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2 with a = 0
+  # past the features' rank. The N x N eigenvalue problem has one exact zero (the centring),
+  # whose rounding-level value (~1e-16) enters through a square root: ~1e-8, hence 1e-6.
+  rng = np.random.default_rng(5)
+  q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+  a = np.concatenate([rng.uniform(0.5, 2.0, 4), np.zeros(60)])
+  b = np.concatenate([rng.uniform(0.1, 3.0, 40), np.zeros(24)])
+  mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
+  features = _features_with_covariance(rng, 5, q, a[:4], mu1)
+  want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  assert fid.frechet_distance_of_features(features, mu2, _rotated(b, q)) == pytest.approx(
+      want, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [3, 100, 300])
+def test_frechet_distance_of_features_equals_that_of_their_statistics(n):
+  # Reference: frechet_distance on feature_stats (tested against pytorch-fid and the closed
+  # forms above), for N below, near and above D = 128 (above it takes the statistics path).
+  # Both are exact formulas of float64 matrices of O(1) entries; where N <= D they differ only
+  # in the sqrt of rounding-level eigenvalues (~1e-8 each, ~D of them): 1e-6 relative.
+  rng = np.random.default_rng(6)
+  mix = rng.standard_normal((128, 128)) / np.sqrt(128)
+  mu2, sigma2 = fid.feature_stats(rng.standard_normal((400, 128)) @ mix)
+  features = rng.standard_normal((n, 128)) @ mix * 1.3 + 0.1
+  got = fid.frechet_distance_of_features(features, mu2, sigma2)
+  assert got == pytest.approx(fid.frechet_distance(*fid.feature_stats(features), mu2, sigma2),
+                              rel=1e-6)
+
+
 def test_frechet_distance_bad_shapes():
   with pytest.raises(UserError, match="same network"):
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+  with pytest.raises(UserError, match="same network"):
+    fid.frechet_distance_of_features(np.zeros((2, 3)), np.zeros(4), np.eye(4))
 
 
 def _mmd2_brute_force(x, y):

@@ -490,8 +490,8 @@ class _Fid:
 
   def __call__(self, images: np.ndarray) -> float:
     features = fid_lib.inception_features(self.params, images, batch_size=self.batch_size)
-    mu, sigma = fid_lib.feature_stats(features)
-    return fid_lib.frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"])
+    return fid_lib.frechet_distance_of_features(features, self.reference["mu"],
+                                                self.reference["sigma"])
 
 
 def _load_fid(weights_path: str, stats_path: str | None, config, data_images: np.ndarray,

@@ -32,23 +32,52 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-  w, v = np.linalg.eigh(sigma)
-  # Rounding leaves tiny negative eigenvalues on singular covariances; they are zeros.
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+def _covariance_factor(sigma: np.ndarray) -> np.ndarray:
+  """F with F F^T = sigma, for a symmetric positive semi-definite sigma (D, D) -> (D, r).
+
+  Cholesky where sigma is definite (a third of an eigendecomposition's work); otherwise the
+  eigenvectors of the positive eigenvalues, scaled: rounding leaves tiny negative eigenvalues
+  on singular covariances, and they are zeros.
+  """
+  try:
+    return np.linalg.cholesky(sigma)
+  except np.linalg.LinAlgError:
+    w, v = np.linalg.eigh(sigma)
+    keep = w > 0
+    return v[:, keep] * np.sqrt(w[keep])
+
+
+def _trace_sqrt_of_factored(factor1: np.ndarray, sigma2: np.ndarray) -> float:
+  """tr((F F^T sigma2)^(1/2)) for F (D, r) and a symmetric PSD sigma2 (D, D).
+
+  The nonzero eigenvalues of F F^T sigma2 are those of the symmetric PSD r x r matrix
+  F^T sigma2 F, so the trace is the sum of their square roots: no complex sqrtm, no
+  ill-conditioned solve, and singular covariances need no offset.
+  """
+  m = factor1.T @ sigma2 @ factor1
+  eig = np.linalg.eigvalsh((m + m.T) / 2.0)
+  return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
 
 def trace_sqrt_product(sigma1, sigma2) -> float:
-  """tr((sigma1 sigma2)^(1/2)) for symmetric positive semi-definite sigma1, sigma2.
+  """tr((sigma1 sigma2)^(1/2)) for symmetric positive semi-definite sigma1, sigma2."""
+  return _trace_sqrt_of_factored(_covariance_factor(sigma1), sigma2)
 
-  sigma1 sigma2 has the eigenvalues of the symmetric PSD matrix r sigma2 r, r = sigma1^(1/2),
-  so the trace is the sum of their square roots: no complex sqrtm, no ill-conditioned solve,
-  and singular covariances need no offset.
-  """
-  r = _psd_sqrt(sigma1)
-  m = r @ sigma2 @ r
-  eig = np.linalg.eigvalsh((m + m.T) / 2.0)
-  return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+
+def _as_stats(mu, sigma) -> tuple[np.ndarray, np.ndarray]:
+  return np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
+
+
+def _check_dimensions(mu1_shape, sigma1_shape, mu2_shape, sigma2_shape) -> None:
+  d = mu1_shape[0]
+  if (len(mu1_shape), sigma1_shape, mu2_shape, sigma2_shape) != (1, (d, d), (d,), (d, d)):
+    raise UserError(f"Frechet distance needs mu (D,) and sigma (D, D) of one D; got "
+                    f"{mu1_shape}, {sigma1_shape}, {mu2_shape}, {sigma2_shape}: compute both "
+                    "statistics from features of the same network")
+
+
+def _symmetric(sigma: np.ndarray) -> np.ndarray:
+  return (sigma + sigma.T) / 2.0
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -56,19 +85,33 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
   Not clipped at 0: a tiny negative value is rounding on (near-)identical statistics.
   """
-  mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
-  mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
-  d = mu1.shape[0]
-  if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-    raise UserError(f"Frechet distance needs mu (D,) and sigma (D, D) of one D; got "
-                    f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}: compute both "
-                    "statistics from features of the same network")
-  sigma1, sigma2 = (sigma1 + sigma1.T) / 2.0, (sigma2 + sigma2.T) / 2.0
+  (mu1, sigma1), (mu2, sigma2) = _as_stats(mu1, sigma1), _as_stats(mu2, sigma2)
+  _check_dimensions(mu1.shape, sigma1.shape, mu2.shape, sigma2.shape)
+  sigma1, sigma2 = _symmetric(sigma1), _symmetric(sigma2)
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
                - 2.0 * trace_sqrt_product(sigma1, sigma2))
+
+
+def frechet_distance_of_features(features, mu2, sigma2) -> float:
+  """`frechet_distance(*feature_stats(features), mu2, sigma2)`, cheaper for N <= D features.
+
+  The covariance of N centred features X is F F^T with F = X^T / sqrt(N - 1), an exact
+  factor of rank < N: with fewer samples than dimensions (a milestone FID of a few hundred
+  samples in Inception's 2048), the trace needs an N x N eigenvalue problem, not a D x D one.
+  """
+  features = _as_features(features)
+  n, d = features.shape
+  if n > d:
+    return frechet_distance(*feature_stats(features), mu2, sigma2)
+  mu2, sigma2 = _as_stats(mu2, sigma2)
+  _check_dimensions((d,), (d, d), mu2.shape, sigma2.shape)
+  sigma2 = _symmetric(sigma2)
+  mu1 = features.mean(axis=0)
+  factor1 = (features - mu1).T / np.sqrt(n - 1)
+  diff = mu1 - mu2
+  return float(diff @ diff + np.sum(np.square(factor1)) + np.trace(sigma2)
+               - 2.0 * _trace_sqrt_of_factored(factor1, sigma2))
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
