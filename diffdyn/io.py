@@ -141,7 +141,9 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
                 e.strerror or type(e).__name__)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # JAX's default keeps only programs that took a second or more: a run's samplers and the
+  # Inception network (a few tenths each) would compile again at every start and resume.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
 
