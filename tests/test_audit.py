@@ -485,16 +485,15 @@ def _assert_one_line(stderr: str, *words):
 
 
 @pytest.mark.slow  # trains a smoke run (module fixture, minutes on 2 CPU cores)
-def test_cli_missing_dir_and_missing_checkpoint_exit_2(run_dir, tmp_path, cache_dir):
+def test_cli_missing_dir_and_missing_checkpoint_exit_2(run_dir, tmp_path, cache_dir, capsys):
+  # The entry point in a process of its own once; the second case in this one.
   proc = run_cli("audit", tmp_path / "absent", cache=cache_dir)
   assert proc.returncode == 2
   _assert_one_line(proc.stderr, tmp_path / "absent")
   bare = tmp_path / "bare"
   bare.mkdir()
   shutil.copy(run_dir / "config.json", bare / "config.json")
-  proc = run_cli("audit", bare, cache=cache_dir)
-  assert proc.returncode == 2
-  _assert_one_line(proc.stderr, bare / "checkpoints", "train the run first")
+  _assert_one_line(_main_error(capsys, bare), bare / "checkpoints", "train the run first")
   assert sorted(os.listdir(bare)) == ["config.json"]  # no checkpoints/ made, no audit/
 
 
