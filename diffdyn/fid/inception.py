@@ -52,8 +52,11 @@ class BasicConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    # The kernel is always pytorch-fid's (weights.py), never an initialiser's: zeros keep the
+    # trace of `param_shapes` (each FID run's start) to half that of a random init.
     x = nn.Conv(self.features, self.kernel_size, self.strides, padding=self.padding,
-                use_bias=False, precision=self.precision, name="conv")(x)
+                use_bias=False, precision=self.precision, kernel_init=nn.initializers.zeros,
+                name="conv")(x)
     return nn.relu(FrozenBatchNorm(name="bn")(x))
 
 
