@@ -119,13 +119,16 @@ def pytest_configure(config):
       "them for a quick loop (CI runs everything)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory):
-  """One DIFFDYN_CACHE for the session: launched runs reuse each other's compiled programs.
+  """One DIFFDYN_CACHE for the session: every test's programs, launched or in-process, go
+  through one persistent compilation cache, so each is compiled once.
 
   Under pytest-xdist (`-n 3`) the workers share it, so a program one of them compiled is
   loaded by the other. (An entry read while the other worker is still writing it does not
-  deserialize: JAX then warns and compiles the program itself.)
+  deserialize: JAX then warns and compiles the program itself.) The cache is on from each
+  process's first test, not only from its first run: tests that build programs themselves
+  (a step, an init) load them too. Nothing of a session lands in ~/.cache.
   """
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -134,6 +137,8 @@ def cache_dir(tmp_path_factory):
   else:
     path = tmp_path_factory.mktemp("diffdyn_cache")
   os.environ["DIFFDYN_CACHE"] = str(path)
+  from diffdyn import io  # pylint: disable=import-outside-toplevel
+  io.enable_compilation_cache()   # the directory launched runs use: DIFFDYN_CACHE/jax_cache
   return str(path)
 
 
