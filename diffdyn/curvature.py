@@ -971,13 +971,25 @@ def _ggn_metrics(residual_fn: Callable, params: PyTree, probe_batch, rows: jax.A
   return metrics
 
 
+def _map_over_objectives(measure: Callable[[LossFn], Any], objectives: Callable,
+                         count: int) -> Any:
+  """measure(objective j) for j < count, stacked: one mapped loop over the objectives.
+
+  A Python loop would trace and compile the measurement (Lanczos around an HVP) once per
+  objective; mapped, a "both" measurement compiles it once, with the same start vectors.
+  """
+  return jax.lax.map(lambda j: measure(lambda p: objectives(p)[j]), jnp.arange(count))
+
+
 def _precond_metrics(objectives: Callable, params: PyTree, prefixes: list[str],
                      preconditioner: AdamPreconditioner, rng: jax.Array,
                      num_iters: int) -> dict[str, jax.Array]:
+  sharpness = _map_over_objectives(
+      lambda loss_fn: preconditioned_sharpness(loss_fn, params, preconditioner.diagonal, rng,
+                                               num_iters), objectives, len(prefixes))
   metrics = {}
   for j, prefix in enumerate(prefixes):
-    metrics[f"{prefix}precond_sharpness"] = preconditioned_sharpness(
-        lambda p, j=j: objectives(p)[j], params, preconditioner.diagonal, rng, num_iters)
+    metrics[f"{prefix}precond_sharpness"] = sharpness[j]
     metrics[f"{prefix}precond_threshold"] = jnp.asarray(preconditioner.threshold, jnp.float32)
   return metrics
 
@@ -1081,12 +1093,15 @@ def get_curvature_fn(per_example_loss_fn: Callable | None, loss_weights, num_tim
     stats = hutchinson(objectives, params, trace_rng, num_probes, estimator, chunk_size,
                        per_leaf=blocks is not None)
     num_params = sum(x.size for x in jax.tree.leaves(params))
+    if top_eig_iters:
+      top_eigs = _map_over_objectives(
+          lambda loss_fn: top_eigenvalue(loss_fn, params, eig_rng, top_eig_iters), objectives,
+          len(prefixes))
     metrics = {}
     for j, prefix in enumerate(prefixes):
       metrics.update(_stats_metrics(prefix, stats, j))
       if top_eig_iters:
-        metrics[f"{prefix}top_eig"] = top_eigenvalue(
-            lambda p, j=j: objectives(p)[j], params, eig_rng, top_eig_iters)
+        metrics[f"{prefix}top_eig"] = top_eigs[j]
       if blocks is not None:
         metrics.update(_block_metrics(prefix, stats["leaf_probes"][:, j], params, blocks,
                                       with_norms=j == 0))
@@ -1183,11 +1198,13 @@ def get_spectral_density_fn(per_example_loss_fn: Callable | None, loss_weights,
     _, eig_rng = jax.random.split(rng)
     coefficients, _ = objective_rows(probe_batch[1])
     objectives = _batch_objectives(per_example_loss_fn, coefficients, probe_batch)
+    all_nodes, all_weights = _map_over_objectives(
+        lambda loss_fn: stochastic_lanczos_quadrature(loss_fn, params, eig_rng, num_runs,
+                                                      num_steps), objectives, len(prefixes))
     out = {}
     for j, prefix in enumerate(prefixes):
       name = DENSITY_OBJECTIVE_NAMES[prefix]
-      nodes, weights = stochastic_lanczos_quadrature(
-          lambda p, j=j: objectives(p)[j], params, eig_rng, num_runs, num_steps)
+      nodes, weights = all_nodes[j], all_weights[j]
       grid, sigma = density_grid(nodes, num_points, broadening)
       out.update({f"{name}_nodes": nodes, f"{name}_weights": weights, f"{name}_grid": grid,
                   f"{name}_density": spectral_density(nodes, weights, grid, sigma),

@@ -376,6 +376,37 @@ def test_curvature_fn_matches_exact_weighted_and_reference_traces(x64):
     assert err < 4 * math.sqrt(_hutchinson_variance(h_band) / num_probes), (k, err)
 
 
+def test_lanczos_measurements_of_both_objectives_match_each_exact_hessian(x64):
+  # One mapped Lanczos program serves both objectives; each must see its own Hessian.
+  schedule, batch, params, per_example_loss = _toy_setup()
+  weights = diffusion.loss_weight(schedule, "minsnr", gamma=1.0)
+  t = np.asarray(batch[1])
+  hessians = _exact_hessians(per_example_loss, params, batch,
+                             [weights[t] / BATCH, np.full(BATCH, 1.0 / BATCH)])
+  nu = jax.tree.map(lambda x: 1e-4 + 1e-5 * x ** 2, params)
+  pre = curvature.adam_preconditioner(nu, 10, 0.9, 0.999, 1e-8, 2e-4)
+  p_diag = np.asarray(ravel_pytree(pre.diagonal)[0])
+  num_params = p_diag.size
+  rng = jax.random.key(35)
+  sharpness = curvature.get_precond_sharpness_fn(per_example_loss, weights, NUM_TIMESTEPS,
+                                                 num_iters=num_params)(params, batch, rng, pre)
+  density = curvature.get_spectral_density_fn(per_example_loss, weights, NUM_TIMESTEPS,
+                                              num_runs=1, num_steps=num_params)(
+                                                  params, batch, rng)
+  # Reference: numpy's eigh of each objective's exact Hessian (and of P^-1/2 H P^-1/2). As many
+  # Lanczos steps as parameters span everything: the extreme Ritz values are the extreme
+  # eigenvalues up to float64 rounding (scaled by P's condition number, ~10): 1e-9.
+  for (prefix, name), h in zip((("curvature/", "train"), ("curvature/ref/", "ref")), hessians):
+    exact = np.linalg.eigvalsh(h / np.sqrt(np.outer(p_diag, p_diag)))[-1]
+    np.testing.assert_allclose(sharpness[f"{prefix}precond_sharpness"], exact, rtol=1e-9)
+    nodes = np.asarray(density[f"{name}_nodes"])
+    eigenvalues = np.linalg.eigvalsh(h)
+    np.testing.assert_allclose([nodes.min(), nodes.max()], eigenvalues[[0, -1]], rtol=1e-9)
+  # The two objectives' spectra differ, so an objective measured in place of the other fails.
+  assert not np.allclose(np.linalg.eigvalsh(hessians[0]), np.linalg.eigvalsh(hessians[1]),
+                         rtol=1e-3)
+
+
 def test_curvature_fn_unit_weights_and_chunking(x64):
   _, batch, params, per_example_loss = _toy_setup()
   ones = np.ones(NUM_TIMESTEPS)
