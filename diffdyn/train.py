@@ -160,12 +160,14 @@ def get_step_fn(model, schedule: diffusion.Schedule, tx: optax.GradientTransform
     ema_params = objective.update_ema(state.ema_params, params, decay)
     bad_loss = ~jnp.isfinite(loss)
     bad_grad = ~jnp.isfinite(optax.tree.norm(grads))
-    skip = bad_loss | bad_grad if skip_nonfinite else jnp.zeros((), bool)
     if skip_nonfinite:   # a Python branch: a step that never skips traces no per-leaf select
+      skip = bad_loss | bad_grad
       keep_old = functools.partial(jax.tree.map, lambda old, new: jnp.where(skip, old, new))
       params, opt_state, ema_params = (keep_old(state.params, params),
                                        keep_old(state.opt_state, opt_state),
                                        keep_old(state.ema_params, ema_params))
+    else:
+      skip = jnp.zeros((), bool)
     sums = _accumulate(state.sums, jnp.where(skip, 0.0, loss),
                        jnp.where(skip, 0.0, per_example), batch.t, num_timesteps, state.step,
                        bad_loss & ~skip, bad_grad & ~skip, skip)
