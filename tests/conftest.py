@@ -75,8 +75,11 @@ def tiny_flags(**overrides):
 
 # The files that take longest, longest first, by their times in the fresh-clone CI check.
 # pytest-xdist's `--dist loadfile` hands out whole files, those with the most tests first; one
-# long file handed out last leaves a core idle for its last minute or two.
-LONGEST_FIRST = ("test_kill.py", "test_sweep.py", "test_faults.py", "test_curvature.py",
+# long file handed out last leaves a core idle for its last minute or two. test_curvature
+# starts beside test_kill and test_sweep because it builds none of the tiny run's programs,
+# which those two compile in their first seconds: test_faults, started then too, compiled
+# them a third time at once; started later, it loads them from the cache.
+LONGEST_FIRST = ("test_kill.py", "test_curvature.py", "test_sweep.py", "test_faults.py",
                  "test_audit.py", "test_train.py", "test_evaluate.py", "test_bench.py")
 
 

@@ -215,7 +215,9 @@ def test_four_devices_match_one(seed_sweep, tmp_path, cache_dir):
 def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_dir):
   """train.train_and_evaluate on experiments/e5e6_sweep.py writes the replicates launch.py does."""
   from experiments import e5e6_sweep  # pylint: disable=import-outside-toplevel
-  overrides = {**conftest.TINY, **SWEEP_RUN, "sweep.seeds": 2, "fid.enabled": False,
+  # One seed of each arm: the two replicates' program is the seed sweep's (same network, data
+  # and steps), which the compilation cache already holds.
+  overrides = {**conftest.TINY, **SWEEP_RUN, "sweep.seeds": 1, "fid.enabled": False,
                "data.name": "synthetic"}
   config = smoke_lib.smoke_size(e5e6_sweep.get_config())
   for key, value in overrides.items():
@@ -224,7 +226,7 @@ def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_di
   smoke_sizes = _flat(smoke_lib.smoke_size(e5e6_sweep.get_config()))
   in_process = str(tmp_path / "notebook")
   final = train.train_and_evaluate(config, in_process)
-  names = [f"e56_{w}_seed{s}" for w in ("constant", "minsnr") for s in (1077, 1078)]
+  names = [f"e56_{w}_seed1077" for w in ("constant", "minsnr")]
   assert sorted(n for n in os.listdir(in_process) if n.startswith("e56_")) == names
   assert final["step"] == 4 and f"train/loss[{names[0]}]" in final
   launched = str(tmp_path / "launched")
@@ -241,7 +243,7 @@ def test_the_notebook_path_runs_a_sweep_config_as_launch_does(tmp_path, cache_di
                                   losses(os.path.join(launched, name)))
   # The constant and Min-SNR arms differ in their losses, not only in their names.
   assert not np.array_equal(losses(os.path.join(in_process, names[0])),
-                            losses(os.path.join(in_process, names[2])))
+                            losses(os.path.join(in_process, names[1])))
 
 
 def test_a_sweep_with_bad_seeds_is_one_line(tmp_path, launch_main, capsys):
