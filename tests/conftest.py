@@ -173,7 +173,7 @@ def snapshot(directory):
       out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns, digest)
   return out
 @pytest.fixture
-def launch_main(monkeypatch, cache_dir):
+def launch_main(monkeypatch):
   """launch.main in this process: `launch_main(*args)` returns its exit status (0 if it returns).
 
   absl's FLAGS are process-wide. config_flags reads the --config.* overrides from sys.argv (set
@@ -181,7 +181,6 @@ def launch_main(monkeypatch, cache_dir):
   unparsed and those flags deleted, so the next call parses as a fresh process would. The log
   levels launch.main sets are put back too.
   """
-  del cache_dir   # launch.main turns the compilation cache on: the session's, not ~/.cache
   import launch  # pylint: disable=import-outside-toplevel
   loggers = [logging.getLogger(name) for name in ("absl", "diffdyn", "jax._src.xla_bridge")]
   levels = [logger.level for logger in loggers]

@@ -325,7 +325,7 @@ def test_oracle_with_the_stride_sampler_is_consistent_with_striding(oracle):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, cache_dir):
+def run_dir(tmp_path_factory):
   """A run of the suite's tiny network (conftest.TINY) whose EMA network denoises a little.
 
   The smoke run itself (40 steps, lr 1e-4, EMA 0.999) leaves the EMA network next to its
@@ -333,7 +333,6 @@ def run_dir(tmp_path_factory, cache_dir):
   noise it starts from, amplified, and no sampler property can show. 200 steps at lr 3e-3
   with a short EMA give samples with structure in seconds.
   """
-  del cache_dir  # sets DIFFDYN_CACHE: the compile cache the audit subprocess shares
   config = tiny_config(**{"curvature.enabled": False})
   config.train.total_steps = TRAIN_STEPS
   config.train.learning_rate = 3e-3
@@ -360,13 +359,12 @@ def run_cli(*args, cache=None):
 
 
 @pytest.fixture(scope="module")
-def audited(run_dir, cache_dir):
+def audited(run_dir):
   """The CLI's audit of the run into its default out dir: (stdout, audit.json, trees).
 
   In-process (`python -m diffdyn.analysis` runs the same `main`) to spare a second JAX
   start-up; the subprocess tests below cover the entry point.
   """
-  del cache_dir  # the compile cache, which later tests hit with the same sampler programs
   before = _tree(run_dir)
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
@@ -507,8 +505,7 @@ def _main_error(capsys, *args):
   return capsys.readouterr().err
 
 
-def test_missing_or_malformed_config_json(tmp_path, capsys, cache_dir):
-  del cache_dir
+def test_missing_or_malformed_config_json(tmp_path, capsys):
   (tmp_path / "run").mkdir()
   _assert_one_line(_main_error(capsys, tmp_path / "run"), tmp_path / "run" / "config.json",
                    "missing")
@@ -520,8 +517,7 @@ def test_missing_or_malformed_config_json(tmp_path, capsys, cache_dir):
 
 
 @pytest.mark.slow  # trains a smoke run (module fixture, minutes on 2 CPU cores)
-def test_corrupt_checkpoint_names_it(run_dir, tmp_path, capsys, cache_dir):
-  del cache_dir
+def test_corrupt_checkpoint_names_it(run_dir, tmp_path, capsys):
   run = _copy_run(run_dir, tmp_path / "run")
   for path in (run / "checkpoints").rglob("state/*"):
     if path.is_file():
@@ -549,8 +545,7 @@ def test_damaged_latest_checkpoint_falls_back_with_a_note(run_dir, audited, tmp_
 
 
 @pytest.mark.slow  # trains a smoke run (module fixture, minutes on 2 CPU cores)
-def test_missing_fid_files_are_named(run_dir, tmp_path, capsys, cache_dir):
-  del cache_dir
+def test_missing_fid_files_are_named(run_dir, tmp_path, capsys):
   missing = tmp_path / "nope.npz"
   assert cli.main(["audit", str(run_dir), "--inception-weights", str(missing)]) == 2
   _assert_one_line(capsys.readouterr().err, missing, "--inception-weights")

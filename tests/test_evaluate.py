@@ -22,10 +22,9 @@ def test_the_smoke_config_turns_every_curvature_measurement_on():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, cache_dir):
+def smoke_run(tmp_path_factory):
   """The smoke config's measurements on the suite's tiny network, for 20 steps: curvature at 10
   and 20, Adam's preconditioned sharpness and the spectral density at 20."""
-  del cache_dir
   smoke_curvature = smoke.get_config().curvature
   config = tiny_config(**{f"curvature.{k}": smoke_curvature[k]
                           for k in ("blocks", "ggn", "precond_every_steps",

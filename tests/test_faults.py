@@ -383,8 +383,7 @@ def cheap_config(**train_overrides):
 
 
 @pytest.fixture(scope="module")
-def cheap_reference(tmp_path_factory, cache_dir):
-  del cache_dir  # sets DIFFDYN_CACHE, so in-process runs share the launches' compiled programs
+def cheap_reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("cheap") / "run")
   train.train_and_evaluate(cheap_config(), workdir)
   assert checkpoint_steps(workdir) == [20, 40]

@@ -76,17 +76,15 @@ class _Messages(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, cache_dir):
-  del cache_dir
+def single_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("single"))
   train.train_and_evaluate(tiny_config(), workdir, evaluators={})
   return workdir
 
 
 @pytest.fixture(scope="module")
-def seed_sweep(tmp_path_factory, cache_dir):
+def seed_sweep(tmp_path_factory):
   """Two seeds with curvature and sample grids: the sweep every per-replicate check reads."""
-  del cache_dir
   workdir = str(tmp_path_factory.mktemp("seeds"))
   handler = _Messages()
   logging.getLogger("diffdyn").addHandler(handler)

@@ -127,8 +127,7 @@ def test_events_never_cross_a_chunk():
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, cache_dir):
-  del cache_dir
+def straight_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight") / "run")
   final = train.train_and_evaluate(tiny_config(), workdir)
   assert final["step"] == 40
